@@ -1,0 +1,100 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Keys and values are compressed into a latent c_kv (kv_lora_rank values) plus one shared rotary
+key k_pe (qk_rope_head_dim values): that is all a cache needs to hold per token per layer.
+
+Two twins compute the same attention:
+- naive: decompress K/V from the latent through wkv_b and attend per head (cheap for prefill);
+- absorbed: fold wkv_b's key half into the query and its value half into the output, so the
+  attention runs directly on the cached latent (cheap for decode: nothing is decompressed).
+
+Cache protocol (used by generate() and the inference engine): an object with
+`update(layer_id, kv (B, S, C), pe (B, S, R), positions (B, S)) -> (kv_all (B, L, C), pe_all (B, L, R))`
+where slot t of the returned tensors holds the token at position t. Masks are built from
+positions only (key slot t is visible to a query at position p iff t <= p), so a cache can be
+rolled back (speculative decoding) simply by writing over the slots again.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rotary
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        h, dim = self.n_heads, cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.wq = nn.Linear(dim, h * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 in the reference, not rms_norm_eps
+            self.wq_b = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(h * self.v_dim, dim, bias=False)
+        self.softmax_scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        # "naive", "absorb", or "auto": naive for multi-token chunks (prefill, training), absorbed for decode.
+        self.attn_impl = "auto"
+
+    def _query(self, x, cos, sin):
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)  # (B, S, H, nope + rope)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        return q_nope, apply_rotary(q_pe, cos, sin, self.interleave)
+
+    def latent(self, x, cos, sin):
+        """(B, S, D) -> normalised latent (B, S, C) and rotated shared key (B, S, R): what is cached."""
+        kv, pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(kv), apply_rotary(pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
+
+    def forward(self, x, cos, sin, positions, mask, cache=None):
+        # x (B, S, D); cos/sin (B, S, 1, R/2); positions (B, S); mask (B, S, L) bool or None (causal, no cache)
+        q_nope, q_pe = self._query(x, cos, sin)
+        kv, pe = self.latent(x, cos, sin)
+        if cache is not None:
+            kv, pe = cache.update(self.layer_id, kv, pe, positions)
+        impl = self.attn_impl
+        if impl == "auto":
+            impl = "naive" if x.shape[1] > 1 else "absorb"
+        o = (self._naive if impl == "naive" else self._absorbed)(q_nope, q_pe, kv, pe, mask)
+        return self.wo(o.flatten(2))
+
+    def _naive(self, q_nope, q_pe, kv, pe, mask):
+        B, S, H, _ = q_nope.shape
+        L = kv.shape[1]
+        kvb = self.wkv_b(kv).view(B, L, H, self.nope + self.v_dim)  # (B, L, H, nope + v)
+        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, pe[:, :, None, :].expand(B, L, H, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        # SDPA accumulates and normalises in fp32 internally; (B, H, S, D) layout
+        attn_mask = None if mask is None else mask[:, None, :, :]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale)
+        return o.transpose(1, 2)  # (B, S, H, v)
+
+    def _absorbed(self, q_nope, q_pe, kv, pe, mask):
+        B, S, H, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w[:, :self.nope], w[:, self.nope:]  # (H, nope, C), (H, v, C)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_k)  # query moved into the latent space
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, pe))
+        scores = scores.float() * self.softmax_scale
+        if mask is None:
+            L = kv.shape[1]
+            mask = torch.ones(S, L, dtype=torch.bool, device=kv.device).tril(L - S)[None]
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1).to(kv.dtype)  # softmax in fp32
+        o_lat = torch.einsum("bsht,btc->bshc", p, kv)
+        return torch.einsum("bshc,hdc->bshd", o_lat, w_v)  # (B, S, H, v)

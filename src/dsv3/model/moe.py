@@ -1,0 +1,138 @@
+"""DeepSeekMoE (V3 §2.1.2): shared experts + routed experts chosen by a group-limited gate.
+
+The routed experts' weights are stacked, (E, out, in) per projection, so the grouped path can
+run all experts in three grouped GEMMs over tokens sorted by expert. The checkpoint keeps one
+tensor per expert (`experts.{e}.gate_proj.weight`, ...); checkpoint.py stacks/unstacks them.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router. V3: sigmoid affinities; the load-balancing bias shifts *selection* only (aux-loss-free
+    balancing, V3 §2.1.2); groups are ranked by the sum of their top-2 biased scores, the best
+    `topk_group` kept, the rest masked with -inf; weights are the unbiased affinities of the chosen
+    experts, renormalised to sum 1 and scaled by routed_scaling_factor.
+    V2: softmax affinities, groups ranked by their max score, no renormalisation by default."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.score_func = cfg.scoring_func
+        self.topk_method = cfg.topk_method
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.route_scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # e_score_correction_bias: a buffer (never trained by the optimizer), kept in fp32
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> raw affinities s (T, E) in fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def route(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """affinities (T, E) -> (weights (T, K) fp32, expert indices (T, K))."""
+        choice = s if self.bias is None else s + self.bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            g = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (T, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = g.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = g.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = g.masked_fill(drop[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.route_scale, idx
+
+    def forward(self, x):
+        return self.route(self.scores(x))
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: w1/w3 (E, I, D), w2 (E, D, I)."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+    def forward_grouped(self, x, weights, idx):
+        """Fast path: sort the (token, expert) pairs by expert and run three grouped GEMMs."""
+        T, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // K  # token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.w1.shape[0])
+        offs = counts.cumsum(0).to(torch.int32)
+        xs = x[token]  # (T*K, D), grouped by expert
+        h = F.silu(F.grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)) * \
+            F.grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)
+        y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (T*K, D)
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def forward_loop(self, x, weights, idx):
+        """Slow twin: one expert at a time, as the reference implementation does."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            h = F.silu(x[tok] @ self.w1[e].t()) * (x[tok] @ self.w3[e].t())
+            y = (h @ self.w2[e].t()) * weights[tok, slot, None].to(x.dtype)
+            out.index_add_(0, tok, y)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) \
+            if cfg.n_shared_experts else None
+        self.impl = "grouped"  # or "loop" (the tested twin)
+        # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
+        # statistics and losses of training / the engine's expert-load counters.
+        self.record_routing = False
+        self.last_routing = None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        s = self.gate.scores(x)
+        weights, idx = self.gate.route(s)
+        if self.record_routing:
+            self.last_routing = (s, idx)
+        routed = self.experts.forward_grouped if self.impl == "grouped" else self.experts.forward_loop
+        y = routed(x, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
