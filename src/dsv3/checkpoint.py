@@ -49,9 +49,11 @@ _MTP_NAMES = [("enorm.weight", "enorm.weight"), ("hnorm.weight", "hnorm.weight")
 _MTP_SHARED = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 _SUFFIX_TO_DSV3 = {hf: ds for hf, ds in _LAYER_NAMES if "{e}" not in hf}
-_EXPERT_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_SUFFIX_TO_HF = {ds: hf for hf, ds in _LAYER_NAMES if "{e}" not in hf}
+_EXPERT_TO_DSV3 = {hf.split("{e}.")[1]: ds for hf, ds in _LAYER_NAMES if "{e}" in hf}  # "gate_proj.weight" -> w1
+_EXPERT_TO_HF = {ds: hf for hf, ds in _LAYER_NAMES if "{e}" in hf}
 
 
 def hf_to_dsv3(name: str, cfg: ModelConfig):
@@ -80,8 +82,8 @@ def hf_to_dsv3(name: str, cfg: ModelConfig):
     if rest in _SUFFIX_TO_DSV3:
         return prefix + _SUFFIX_TO_DSV3[rest], None
     e = _EXPERT_RE.fullmatch(rest)
-    if e:
-        return f"{prefix}ffn.experts.{_EXPERT_PROJ[e.group(2)]}", int(e.group(1))
+    if e and e.group(2) in _EXPERT_TO_DSV3:
+        return prefix + _EXPERT_TO_DSV3[e.group(2)], int(e.group(1))
     return None
 
 
@@ -89,7 +91,6 @@ def dsv3_to_hf(model: Transformer, mtp_shared_copies: bool = True):
     """Yields (checkpoint name, tensor) for every tensor of the model, experts unstacked."""
     cfg = model.config
     n = cfg.num_hidden_layers
-    to_hf = {ds: hf for hf, ds in _LAYER_NAMES}
     sd = model.state_dict()
     for hf, ds in _TOP_NAMES:
         if ds == "head.weight" and cfg.tie_word_embeddings:
@@ -100,14 +101,12 @@ def dsv3_to_hf(model: Transformer, mtp_shared_copies: bool = True):
         if m:
             layer = int(m.group(2)) if m.group(2) is not None else n + int(m.group(3))
             rest = m.group(4)
-            if rest in to_hf:
-                yield f"model.layers.{layer}.{to_hf[rest]}", t
+            if rest in _SUFFIX_TO_HF:
+                yield f"model.layers.{layer}.{_SUFFIX_TO_HF[rest]}", t
                 continue
-            proj = re.fullmatch(r"ffn\.experts\.(w1|w2|w3)", rest)
-            assert proj, f"no checkpoint name for {name}"
-            hf_proj = {v: k for k, v in _EXPERT_PROJ.items()}[proj.group(1)]
+            assert rest in _EXPERT_TO_HF, f"no checkpoint name for {name}"
             for e in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{e}.{hf_proj}.weight", t[e]
+                yield f"model.layers.{layer}." + _EXPERT_TO_HF[rest].format(e=e), t[e]
             continue
         m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
         if m:
