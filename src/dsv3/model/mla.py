@@ -80,14 +80,34 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         # SDPA accumulates and normalises in fp32 internally; (B, H, S, D) layout
         attn_mask = None if mask is None else mask[:, None, :, :]
+        # PyTorch's fused CPU attention kernel needs v_head_dim == qk_head_dim (DeepSeek: 128 vs 192);
+        # zero-padding V and slicing the output back is exact and avoids the slow math fallback.
+        pad = self.qk_head_dim - self.v_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale)
-        return o.transpose(1, 2)  # (B, S, H, v)
+        return o.transpose(1, 2)[..., :self.v_dim]  # (B, S, H, v)
+
+    def _absorb_weights(self):
+        """wkv_b split into its key half (H, nope, C) and value half (H, v, C). Without autograd
+        (inference) contiguous copies are kept and refreshed whenever the weight changes, so a
+        decode step does not re-copy strided slices."""
+        H = self.n_heads
+        w = self.wkv_b.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            return w[:, :self.nope], w[:, self.nope:]
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_absorb_key", None) != key:
+            w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            self._absorb_cache = (w3[:, :self.nope].contiguous(), w3[:, self.nope:].contiguous())
+            self._absorb_key = key
+        return self._absorb_cache
 
     def _absorbed(self, q_nope, q_pe, kv, pe, mask):
         B, S, H, _ = q_nope.shape
-        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-        w_k, w_v = w[:, :self.nope], w[:, self.nope:]  # (H, nope, C), (H, v, C)
+        w_k, w_v = self._absorb_weights()  # (H, nope, C), (H, v, C)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_k)  # query moved into the latent space
         scores = (torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, pe))
         scores = scores.float() * self.softmax_scale

@@ -118,7 +118,10 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) \
             if cfg.n_shared_experts else None
-        self.impl = "grouped"  # or "loop" (the tested twin)
+        # "auto": grouped GEMMs when many (token, expert) pairs, else a loop over just the chosen
+        # experts (decode: grouped_mm's CPU path visits every expert, even empty ones);
+        # "grouped" / "loop" force one path (the twins the tests tie together).
+        self.impl = "auto"
         # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
         # statistics and losses of training / the engine's expert-load counters.
         self.record_routing = False
@@ -131,7 +134,10 @@ class MoE(nn.Module):
         weights, idx = self.gate.route(s)
         if self.record_routing:
             self.last_routing = (s, idx)
-        routed = self.experts.forward_grouped if self.impl == "grouped" else self.experts.forward_loop
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if idx.numel() >= self.n_experts else "loop"
+        routed = self.experts.forward_grouped if impl == "grouped" else self.experts.forward_loop
         y = routed(x, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -68,7 +68,8 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def logits(self, h):
-        return self.head(h)
+        # a 2-D matmul: a 3-D input under inference_mode made torch copy the whole head weight per call
+        return self.head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
 
     def forward(self, tokens, positions=None, cache=None):
         """tokens (B, S) -> logits (B, S, vocab) for every position."""
