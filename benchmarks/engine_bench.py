@@ -1,0 +1,349 @@
+"""Engine benchmark on CPU: ratios against transformers measured in the same run, same weights.
+
+    python benchmarks/engine_bench.py --preset small --threads 2
+    python benchmarks/engine_bench.py --model runs/demo --mtp-only      # MTP on a trained checkpoint
+
+Reports (as Markdown tables):
+  1. batch-1 decode tokens/s: dsv3 engine, dsv3.generate (contiguous cache), transformers
+     generate(do_sample=False); the % of the memory-bandwidth roofline: bytes of weights and cache
+     read per decoded token / the bandwidth of a large tensor copy measured in this run;
+  2. 16 concurrent sequences: aggregate decode tokens/s against one sequence (engine; transformers
+     batched generate as a reference);
+  3. MTP speculative decoding at batch 1: acceptance rate, mean accepted length, speed-up over
+     plain decoding (on the given checkpoint; with random MTP weights the acceptance is ~0 and
+     the row says so), plus a constructed model whose MTP module agrees with it most of the time,
+     to show what the machinery gives at a known acceptance;
+  4. a profile of the batch-1 decode step: time per part of the model and engine overhead.
+Decode figures exclude the prefill. Measurements alternate between the systems over several
+rounds and report medians of per-round ratios, since the machines here are shared; with
+`--clock cpu` (the default at 1 thread) times are the process's CPU time, which does not count the
+time other processes hold the core (memory-bandwidth contention still shows).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import dsv3
+from dsv3.config import preset
+from dsv3.infer.engine import Engine
+from dsv3.infer.params import SamplingParams
+from dsv3.model.moe import MoE
+
+
+CLOCK = time.perf_counter
+
+
+def copy_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy (beyond the caches)."""
+    n = int(gib * (1 << 30)) // 4
+    a = torch.ones(n, dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    ts = []
+    for _ in range(reps):
+        t = CLOCK()
+        b.copy_(a)
+        ts.append(CLOCK() - t)
+    return 2 * n * 4 / statistics.median(ts)
+
+
+def bytes_per_token(model, context: int, cache_elem: int) -> int:
+    """Weights read to decode one token at batch 1 (every dense weight, the router, the shared
+    experts and num_experts_per_tok routed experts per MoE layer, one embedding row, the head)
+    plus the latent cache of `context` positions in every layer."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    total = cfg.hidden_size  # the embedding row
+    for layer in model.layers:
+        for name, p in layer.named_parameters():
+            if ".experts." in f".{name}":
+                continue
+            total += p.numel()
+        if isinstance(layer.ffn, MoE):
+            e = layer.ffn.experts
+            total += cfg.num_experts_per_tok * (e.w1[0].numel() + e.w2[0].numel() + e.w3[0].numel())
+    total += model.norm.weight.numel() + model.head.weight.numel()
+    return total * elem + cfg.num_hidden_layers * context * cfg.kv_cache_dim * cache_elem
+
+
+def engine_decode(engine, prompts, n_new):
+    """Aggregate decode tokens/s of the requests run together (time after the last prefill)."""
+    params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    first, count, t0 = set(), 0, None
+    while engine.has_unfinished():
+        outs = engine.step()
+        for o in outs:
+            if o.request_id not in first:
+                first.add(o.request_id)
+            elif t0 is not None:
+                count += len(o.new_token_ids)
+        if t0 is None and len(first) == len(ids):
+            t0 = CLOCK()  # every prefill done: decode from here
+    return count / (CLOCK() - t0)
+
+
+def hf_decode(hf, prompts, n_new):
+    x = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        t = CLOCK()
+        hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = CLOCK() - t
+        t = CLOCK()
+        hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+        tn = CLOCK() - t
+    return len(prompts) * (n_new - 1) / (tn - t1)
+
+
+def dsv3_generate_decode(model, prompts, n_new):
+    with torch.no_grad():
+        t = CLOCK()
+        dsv3.generate(model, prompts, 1)
+        t1 = CLOCK() - t
+        t = CLOCK()
+        dsv3.generate(model, prompts, n_new)
+        tn = CLOCK() - t
+    return len(prompts) * (n_new - 1) / (tn - t1)
+
+
+def aligned_mtp(model, scale=0.01, noise=0.1):
+    """Constructed in place: layers scaled down (the next token depends mostly on the current one)
+    and an MTP module passing its input token's embedding through, so its draft is often right."""
+    def shrink(block):
+        block.attn.wo.weight.mul_(scale)
+        f = block.ffn
+        if isinstance(f, MoE):
+            f.experts.w2.mul_(scale)
+            if f.shared_experts is not None:
+                f.shared_experts.w2.weight.mul_(scale)
+        else:
+            f.w2.weight.mul_(scale)
+
+    with torch.no_grad():
+        for layer in model.layers:
+            shrink(layer)
+        d = model.config.hidden_size
+        w = torch.cat([torch.eye(d), noise * torch.randn(d, d) / d ** 0.5], 1)
+        model.mtp[0].eh_proj.weight.copy_(w.to(model.mtp[0].eh_proj.weight.dtype))
+        shrink(model.mtp[0].block)
+    return model
+
+
+def profile_decode(engine, prompt, steps=12):
+    """Wall time per part of a batch-1 decode step, through forward hooks."""
+    model = engine.model
+    acc = {}
+    stack = {}
+
+    def pre(name):
+        def f(mod, inp):
+            stack[name] = CLOCK()
+        return f
+
+    def post(name):
+        def f(mod, inp, out):
+            acc[name] = acc.get(name, 0.0) + CLOCK() - stack[name]
+        return f
+
+    parts = {"embedding": [model.embed], "attention (MLA)": [l.attn for l in model.layers],
+             "MoE / MLP": [l.ffn for l in model.layers], "output head": [model.head],
+             "norms": [model.norm] + [n for l in model.layers for n in (l.attn_norm, l.ffn_norm)]}
+    if len(model.mtp):
+        parts["MTP module"] = [model.mtp[0]]
+    handles = []
+    for name, mods in parts.items():
+        for m in mods:
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name)))
+    engine.add_request(prompt, SamplingParams(max_new_tokens=steps + 3, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    acc.clear()
+    t = CLOCK()
+    n = 0
+    while engine.has_unfinished():
+        engine.step()
+        n += 1
+    total = CLOCK() - t
+    for h in handles:
+        h.remove()
+    rows = [(k, v / n * 1e3) for k, v in acc.items()]
+    rows.append(("engine + sampling + rest", (total - sum(acc.values())) / n * 1e3))
+    return rows, total / n * 1e3
+
+
+def table(headers, rows):
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="model preset with random weights (default: small)")
+    p.add_argument("--model", default=None, help="a checkpoint folder instead of a preset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for both systems")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per request")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians reported)")
+    p.add_argument("--batch", type=int, default=16, help="concurrent sequences for the batching figure")
+    p.add_argument("--draft-vocab", type=int, default=16384,
+                   help="MTP draft vocabulary size (FR-Spec; 0 = the whole vocabulary)")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers reference")
+    p.add_argument("--mtp-only", action="store_true", help="only the MTP section")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="process CPU time or wall time (auto: CPU time at 1 thread, wall otherwise)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    cpu = args.clock == "cpu" or (args.clock == "auto" and args.threads == 1)
+    CLOCK = time.process_time if cpu else time.perf_counter
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp(prefix="dsv3_bench_")
+    if args.model:
+        model = dsv3.load_model(args.model, dtype=dtype).eval()
+        folder, trained = args.model, True
+        name = os.path.basename(os.path.normpath(args.model))
+    else:
+        model = dsv3.Transformer(preset(args.preset)).init_weights().to(dtype).eval()
+        folder, trained = tmp, False
+        dsv3.save_model(model, folder)
+        name = f"{args.preset} preset (random weights)"
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    res = {"model": name, "dtype": args.dtype, "threads": args.threads, "params": cfg.num_params()}
+    print(f"# dsv3 engine benchmark: {name}, {args.dtype}, {args.threads} threads, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} rounds, "
+          f"{'CPU' if cpu else 'wall'} time\n")
+
+    if not args.mtp_only:
+        hf = None
+        if not args.skip_hf:
+            import transformers
+            from transformers import DeepseekV3ForCausalLM
+            transformers.logging.set_verbosity_error()
+            hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        engine = Engine(model, eos_token_id=None, max_num_seqs=max(16, args.batch))
+        engine_decode(engine, prompts[:1], 4)  # warm-up
+        runs = {"engine": [], "dsv3.generate": [], "transformers": [], "bw": [],
+                "engine_b": [], "transformers_b": []}
+        for r in range(args.rounds):
+            runs["bw"].append(copy_bandwidth())
+            runs["engine"].append(engine_decode(engine, prompts[:1], args.new_tokens))
+            runs["dsv3.generate"].append(dsv3_generate_decode(model, prompts[:1], args.new_tokens))
+            if hf is not None:
+                runs["transformers"].append(hf_decode(hf, prompts[:1], args.new_tokens))
+            runs["engine_b"].append(engine_decode(engine, prompts, args.new_tokens))
+            if hf is not None:
+                runs["transformers_b"].append(hf_decode(hf, prompts, args.new_tokens))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items() if v), file=sys.stderr)
+        med = {k: statistics.median(v) for k, v in runs.items() if v}
+        ctx = args.prompt_len + args.new_tokens // 2
+        bpt = bytes_per_token(model, ctx, model.layers[0].attn.wkv_a.weight.element_size())
+
+        def ratio(a, b):  # median over rounds of the ratio measured within a round (the load drifts)
+            return statistics.median(x / y for x, y in zip(runs[a], runs[b])) if runs[a] and runs[b] else float("nan")
+
+        rows = []
+        for k in ("engine", "dsv3.generate", "transformers"):
+            if k in med:
+                rows.append((k, f"{med[k]:.2f}", f"{ratio(k, 'transformers'):.2f}x",
+                             f"{100 * statistics.median(x * bpt / b for x, b in zip(runs[k], runs['bw'])):.0f}%"))
+        print("## Batch-1 decode\n")
+        print(table(["system", "tokens/s", "vs transformers", "% of roofline"], rows))
+        print(f"\nroofline: {bpt / 1e6:.1f} MB read per token (weights + latent cache at context {ctx}) / "
+              f"{med['bw'] / 1e9:.2f} GB/s copy bandwidth (median) = {med['bw'] / bpt:.1f} tokens/s; "
+              f"ratios and % are medians of per-round figures\n")
+        roof = med["bw"] / bpt
+        rows = [("engine, 1 sequence", f"{med['engine']:.2f}", "1.00x"),
+                (f"engine, {args.batch} sequences", f"{med['engine_b']:.2f}",
+                 f"{ratio('engine_b', 'engine'):.2f}x")]
+        if "transformers_b" in med:
+            rows.append((f"transformers, {args.batch} sequences", f"{med['transformers_b']:.2f}",
+                         f"{ratio('transformers_b', 'transformers'):.2f}x (vs its batch 1)"))
+        print(f"## {args.batch} concurrent sequences (aggregate decode tokens/s)\n")
+        print(table(["run", "tokens/s", "vs 1 sequence"], rows))
+        res.update({k: v for k, v in med.items()}, roofline_tokens_s=roof, bytes_per_token=bpt, runs=runs)
+
+        prof, step_ms = profile_decode(Engine(model, eos_token_id=None), prompts[0])
+        print(f"\n## Profile of the batch-1 decode step ({step_ms:.1f} ms)\n")
+        print(table(["part", "ms / step", "share"], [(k, f"{v:.2f}", f"{100 * v / step_ms:.0f}%") for k, v in prof]))
+        res["profile_ms"] = dict(prof)
+        del hf
+
+    # ---- MTP speculative decoding at batch 1
+    if cfg.num_nextn_predict_layers:
+        draft_vocab = None
+        if args.draft_vocab and args.draft_vocab < cfg.vocab_size:
+            draft_vocab = list(range(args.draft_vocab))
+            tok_file = os.path.join(folder, "tokenizer.json")
+            corpus = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
+            if os.path.isfile(tok_file) and os.path.isfile(corpus):
+                from dsv3.infer.speculative import frequent_tokens
+                from dsv3.tokenizer import Tokenizer
+                tok = Tokenizer.from_dir(folder)
+                text = open(corpus, encoding="utf-8").read()
+                freq = frequent_tokens([tok.encode(text)], args.draft_vocab)
+                have = set(freq)
+                draft_vocab = freq + [t for t in range(cfg.vocab_size) if t not in have][:args.draft_vocab - len(freq)]
+        cases = [(name + ("" if trained else ": MTP weights random, acceptance ~0"), model)]
+        if not trained:
+            m2 = dsv3.Transformer(cfg).init_weights().eval()
+            m2.load_state_dict(model.state_dict())
+            cases.append((f"{args.preset} preset, constructed agreeing MTP (not trained)", aligned_mtp(m2.to(dtype))))
+        rows = []
+        prompt = prompts[:1]
+        for label, m in cases:
+            e_plain = Engine(m, eos_token_id=None)
+            # a frequency-ranked draft vocabulary means nothing to the constructed model (its tokens
+            # are arbitrary): there it is left out; on random MTP weights it shows the cost saving
+            variants = [(f"draft vocab {args.draft_vocab}", draft_vocab)] if draft_vocab and m is model else []
+            variants.append(("full draft vocab", None))
+            engines = [Engine(m, eos_token_id=None, speculative="mtp", draft_vocab=v) for _, v in variants]
+            for e in engines:
+                engine_decode(e, prompt, 4)
+            plain, spec = [], [[] for _ in engines]
+            acc, tau = [[] for _ in engines], [[] for _ in engines]
+            for r in range(args.rounds):
+                plain.append(engine_decode(e_plain, prompt, args.new_tokens))
+                for i, e in enumerate(engines):
+                    before = e.stats().spec
+                    spec[i].append(engine_decode(e, prompt, args.new_tokens))
+                    after = e.stats().spec
+                    acc[i].append((after.accepted - before.accepted) / max(1, after.drafted - before.drafted))
+                    tau[i].append(1 + (after.accepted - before.accepted) / max(1, after.steps - before.steps))
+                print(f"MTP round {r + 1}: plain {plain[-1]:.2f}, " +
+                      ", ".join(f"{v[0]} {spec[i][-1]:.2f}" for i, v in enumerate(variants)), file=sys.stderr)
+            p_ = statistics.median(plain)
+            for i, (dv_label, _) in enumerate(variants):
+                s_, a_, t_ = statistics.median(spec[i]), statistics.median(acc[i]), statistics.median(tau[i])
+                speedup = statistics.median(x / y for x, y in zip(spec[i], plain))
+                # cost of a verify step relative to a plain decode step: the speed-up is tau / this
+                cost = statistics.median(tt * y / x for tt, x, y in zip(tau[i], spec[i], plain))
+                rows.append((label, dv_label, f"{100 * a_:.1f}%", f"{t_:.2f}", f"{cost:.2f}", f"{p_:.2f}", f"{s_:.2f}",
+                             f"{speedup:.2f}x"))
+                res.setdefault("mtp", []).append(dict(model=label, draft=dv_label, acceptance=a_,
+                                                      mean_accepted_length=t_, plain_tokens_s=p_,
+                                                      spec_tokens_s=s_, speedup=speedup, verify_cost=cost))
+        print("\n## MTP speculative decoding, batch 1 (greedy)\n")
+        print(table(["model", "draft", "acceptance", "tokens / verify", "verify step / plain step", "plain tokens/s",
+                     "MTP tokens/s", "speed-up"], rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Paged latent cache: the absorbed-MLA cache (kv_lora_rank + qk_rope_head_dim values per token per
+layer) held in fixed-size blocks of one preallocated pool, as vLLM's PagedAttention does for K/V
+(Kwon et al. 2023, arXiv:2309.06180). Requests own lists of block ids; nothing is reallocated
+while they grow, and blocks go back to the pool when they finish.
+
+Prefix caching: a full block is keyed by a hash chain over the tokens it holds, the key of the
+block before it, and the token that follows it. The next token is in the key because the MTP
+layers' latent at a block's last position depends on it (the MTP module at position i reads
+Emb(t_{i+1})); it costs no hits, since a hit must leave at least one prompt token to compute
+anyway. Blocks are shared by reference count; a block whose count drops to zero stays findable
+(evictable, least recently freed first) until its slot is needed again.
+"""
+import hashlib
+from collections import OrderedDict, deque
+
+import torch
+
+from dsv3.config import ModelConfig
+
+NULL_BLOCK = 0  # never handed out: the padding entry of block tables (reads there are masked out)
+
+
+class NoFreeBlocks(RuntimeError):
+    pass
+
+
+def block_key(parent: bytes | None, tokens, next_token: int) -> bytes:
+    h = hashlib.sha256(parent or b"root")
+    h.update(torch.tensor(list(tokens) + [next_token], dtype=torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the cache needs at least 2 blocks (one is reserved), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self.free = deque(range(1, num_blocks))
+        self.ref = [0] * num_blocks
+        self.key: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}          # key -> block holding those tokens' latents
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU first
+        self.hits = self.queries = 0                # prefix-cache tokens found / looked up
+
+    @property
+    def usable(self) -> int:
+        return self.num_blocks - 1
+
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def num_used(self) -> int:
+        return self.usable - self.num_free()
+
+    def allocate(self) -> int:
+        if self.free:
+            b = self.free.popleft()
+        elif self.evictable:
+            b, _ = self.evictable.popitem(last=False)
+            del self.cached[self.key[b]]
+            self.key[b] = None
+        else:
+            raise NoFreeBlocks("the latent cache is full")
+        assert self.ref[b] == 0
+        self.ref[b] = 1
+        return b
+
+    def lookup(self, key: bytes) -> int | None:
+        return self.cached.get(key) if self.enable_prefix_cache else None
+
+    def acquire(self, b: int):
+        if self.ref[b] == 0:
+            del self.evictable[b]
+        self.ref[b] += 1
+
+    def release(self, b: int):
+        assert self.ref[b] > 0, f"block {b} released more often than acquired"
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            if self.key[b] is not None:
+                self.evictable[b] = None
+            else:
+                self.free.append(b)
+
+    def register(self, b: int, key: bytes):
+        """Offer a full, fully computed block to the prefix cache (first writer wins)."""
+        if self.enable_prefix_cache and key not in self.cached and self.key[b] is None:
+            self.cached[key] = b
+            self.key[b] = key
+
+    def reset_prefix_cache(self):
+        for b in list(self.evictable):
+            self.free.append(b)
+        self.evictable.clear()
+        for b in range(self.num_blocks):
+            self.key[b] = None
+        self.cached.clear()
+
+
+class PagedLatentCache:
+    """Implements the model's cache protocol (dsv3.model.mla) over the block pool. Before each
+    forward the engine binds the block table (B, n) of the rows and their positions; `update` then
+    writes the new latents into their slots and gathers each row's slots 0..L-1 in order."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, n_layers: int,
+                 dtype=torch.float32, device="cpu"):
+        self.num_blocks, self.block_size, self.n_layers = num_blocks, block_size, n_layers
+        # zeros: padded/stale slots are masked, but 0 * NaN would still poison the attention output
+        self.kv = torch.zeros(n_layers, num_blocks * block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(n_layers, num_blocks * block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self._tables = self._positions = self._slots = None
+        self._L = 0
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, n_layers: int, dtype) -> int:
+        return n_layers * block_size * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+
+    def bind(self, tables: torch.Tensor, positions: torch.Tensor):
+        """tables (B, n) block ids (NULL_BLOCK past a row's blocks); positions (B, S) of this forward."""
+        bs = self.block_size
+        self._L = int(positions.max()) + 1
+        assert tables.shape[1] * bs >= self._L, "block table too short for these positions"
+        self._tables = tables[:, :(self._L + bs - 1) // bs]
+        self._positions = positions
+        self._slots = (tables.gather(1, positions // bs) * bs + positions % bs).flatten()
+
+    def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor):
+        # kv (B, S, C), pe (B, S, R); slot t of row b lives at block tables[b, t // bs], offset t % bs
+        assert positions is self._positions, "bind() the block tables of this forward first"
+        B, S, C = kv.shape
+        self.kv[layer].index_copy_(0, self._slots, kv.reshape(B * S, C).to(self.kv.dtype))
+        self.pe[layer].index_copy_(0, self._slots, pe.reshape(B * S, -1).to(self.pe.dtype))
+        n, bs, L = self._tables.shape[1], self.block_size, self._L
+        kv_all = self.kv[layer].view(self.num_blocks, bs, C)[self._tables].view(B, n * bs, C)[:, :L]
+        pe_all = self.pe[layer].view(self.num_blocks, bs, -1)[self._tables].view(B, n * bs, -1)[:, :L]
+        return kv_all, pe_all
