@@ -134,11 +134,16 @@ class MoE(nn.Module):
         weights, idx = self.gate.route(s)
         if self.record_routing:
             self.last_routing = (s, idx)
+        y = self.routed(x, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def routed(self, x, weights, idx):
+        """x (T, D), gate weights (T, K), expert ids (T, K) -> routed output (T, D). The one piece
+        that expert / tensor parallelism (dsv3.parallel) replace."""
         impl = self.impl
         if impl == "auto":
             impl = "grouped" if idx.numel() >= self.n_experts else "loop"
         routed = self.experts.forward_grouped if impl == "grouped" else self.experts.forward_loop
-        y = routed(x, weights, idx)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        return routed(x, weights, idx)

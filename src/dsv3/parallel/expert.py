@@ -313,18 +313,6 @@ class ExpertParallelMoE(MoE):
         rep = t % self.logcnt.to(idx.device)[idx]
         return self.log2phy.to(idx.device)[idx, rep]
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, D)
-        s = self.gate.scores(x)
-        weights, idx = self.gate.route(s)
-        if self.record_routing:
-            self.last_routing = (s, idx)
-        y = self.routed(x, weights, idx)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
-
     def routed(self, x, weights, idx):
         """x (T, D), gate weights (T, K), logical expert ids (T, K) -> routed output (T, D)."""
         T, K = idx.shape

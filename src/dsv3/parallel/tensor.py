@@ -138,22 +138,18 @@ class TensorParallelMoE(MoE):
         self.experts = LocalExperts.select(moe.experts, self.local_logical)
         self.experts.requires_grad_(False)
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, D)
-        s = self.gate.scores(x)
-        weights, idx = self.gate.route(s)
-        if self.record_routing:
-            self.last_routing = (s, idx)
+    def routed(self, x, weights, idx):
+        # this rank's experts only; the other ranks' contributions arrive in forward's all-reduce
         here = (idx >= self.start) & (idx < self.start + self.n_local)
         slot = torch.where(here, idx - self.start, -1).to(torch.int32)
         self.experts.impl = self.impl
-        y = self.experts(x, slot, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)  # partial: its w2 does not reduce
+        return self.experts(x, slot, weights)
+
+    def forward(self, x):
+        y = super().forward(x)  # local routed experts + this rank's partial shared expert
         if _world(self.group)[0] > 1:
             dist.all_reduce(y, group=self.group)
-        return y.view(shape)
+        return y
 
 
 # ----------------------------------------------------------------------------- applying TP
