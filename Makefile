@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# Trains the `demo` preset (2.3M parameters, 2048-token BPE) on the bundled corpus, then prints samples.
+# PASSIVE: OpenMP threads sleep instead of spinning when a core is taken by another process.
+demo: install
+	rm -rf runs/demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m dsv3 train --preset demo --data data/tinyshakespeare.txt --out runs/demo
+
 bench: install
 	$(PY) benchmarks/model_bench.py
 

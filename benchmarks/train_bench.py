@@ -1,0 +1,201 @@
+"""Training benchmarks (issue 3): throughput against transformers, and the paper's balance claim.
+
+  python benchmarks/train_bench.py throughput [--batch 8 --seq 256 --runs 7]
+  python benchmarks/train_bench.py balance [--steps 300]
+  python benchmarks/train_bench.py all
+
+throughput: one training step (forward, fp32 cross-entropy, backward, AdamW step) of the same
+model (the `demo` preset without MTP, fp32 CPU) on the same batch, dsv3 vs transformers'
+DeepseekV3ForCausalLM loaded from the same weights (save_model -> from_pretrained), runs
+interleaved, medians reported; the full dsv3 recipe step (MTP depth 1, aux-free balancing, clipping,
+schedules: `Trainer.train_step`) is listed for context.
+
+balance: aux-free (the paper's gamma 1e-3, and a gamma scaled to the short budget) vs aux-loss vs
+none, same model, data, seed and steps on the bundled corpus; validation loss and bits per byte,
+MaxVio_global on the validation set and MaxVio_batch (training batches, mean over the last half of
+the run; validation batches), averaged over the MoE layers (Wang et al. 2024's metrics, used in the
+paper's §4.5).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(vocab: int, mtp: int = 0, **kw):
+    from dsv3.train.cli import _demo_model
+
+    return _demo_model().replace(vocab_size=vocab, num_nextn_predict_layers=mtp, **kw)
+
+
+# ---- throughput ---------------------------------------------------------------------------------
+
+
+def throughput(args) -> None:
+    from transformers import DeepseekV3ForCausalLM
+
+    import dsv3
+    from dsv3.train.data import TokenDataset
+    from dsv3.train.trainer import Trainer, TrainConfig, compute_losses
+
+    B, S = args.batch, args.seq
+    cfg = demo_config(args.vocab)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        init = dsv3.Transformer(cfg).init_weights(0.02)
+        dsv3.save_model(init, tmp)
+        ours = dsv3.load_model(tmp, dtype=torch.float32).train()
+        theirs = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+    impl = getattr(theirs.config, "_experts_implementation", "?")
+    windows = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = compute_losses(ours, windows, S).ce.item()
+        b = theirs(input_ids=windows, labels=windows).loss.item()
+    print(f"same weights, same batch: loss dsv3 {a:.6f}, transformers {b:.6f} (rel. diff {abs(a - b) / b:.1e})")
+
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+
+    def step_ours():
+        compute_losses(ours, windows, S).loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_theirs():
+        theirs(input_ids=windows, labels=windows).loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    # The full recipe: MTP depth 1 + aux-free balancing + clipping + schedules, same model otherwise.
+    data = TokenDataset([np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000)])
+    trainer = Trainer(demo_config(args.vocab, mtp=1), TrainConfig(steps=1000, batch_size=B, seq_len=S), data)
+    fns = {"dsv3": step_ours, "transformers": step_theirs, "dsv3 full recipe (MTP + aux-free)": trainer.train_step}
+    if not args.no_compile:
+        # The same step with the dense parts torch.compile'd from outside (`dsv3 train --compile`).
+        from dsv3.train.trainer import compile_dense_parts
+
+        compiled = dsv3.Transformer(cfg)
+        compiled.load_state_dict(ours.state_dict())
+        compiled.train()
+        compile_dense_parts(compiled)
+        opt_c = torch.optim.AdamW(compiled.parameters(), lr=1e-4)
+
+        def step_compiled():
+            compute_losses(compiled, windows, S).loss.backward()
+            opt_c.step()
+            opt_c.zero_grad(set_to_none=True)
+
+        t = time.perf_counter()
+        c = compute_losses(compiled, windows, S)
+        c.loss.backward()
+        compiled.zero_grad(set_to_none=True)
+        print(f"torch.compile of the dense parts: first step {time.perf_counter() - t:.1f}s; loss {c.ce.item():.6f} "
+              f"vs eager {a:.6f} (rel. diff {abs(c.ce.item() - a) / a:.1e})")
+        fns["dsv3 --compile"] = step_compiled
+        trainer_c = Trainer(demo_config(args.vocab, mtp=1),
+                            TrainConfig(steps=1000, batch_size=B, seq_len=S, compile=True), data)
+        trainer_c.train_step()
+        fns["dsv3 --compile full recipe"] = trainer_c.train_step
+
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(args.runs):
+        for k, fn in fns.items():  # interleaved, so load drift on a shared machine hits all alike
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = cfg.num_params()
+    print(f"\nmodel: demo preset, {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active), vocab "
+          f"{cfg.vocab_size}; batch {B} x {S} tokens; fp32; {torch.get_num_threads()} thread(s); transformers "
+          f"experts implementation: {impl}; median of {args.runs} interleaved runs\n")
+    print("| step (fwd + bwd + AdamW) | median s | tokens/s | vs transformers |")
+    print("|---|---|---|---|")
+    for k in fns:
+        print(f"| {k} | {med[k]:.3f} | {B * S / med[k]:,.0f} | {med['transformers'] / med[k]:.2f}x |")
+
+
+# ---- balance study ------------------------------------------------------------------------------
+
+
+def balance(args) -> None:
+    from dsv3.tokenizer import train_bpe
+    from dsv3.train.data import load_corpus
+    from dsv3.train.trainer import Trainer, TrainConfig
+
+    corpus = ROOT / "data" / "tinyshakespeare.txt"
+    tok = train_bpe(corpus, args.vocab)
+    cache = Path(tempfile.gettempdir()) / "dsv3-bench-cache"
+    train, val = load_corpus(corpus, tok, cache, val_fraction=0.05, progress=False)
+    # More experts than the demo so that imbalance has room to show: 16 routed, top-2, 4 groups.
+    cfg = demo_config(tok.vocab_size, mtp=1, n_routed_experts=16, moe_intermediate_size=64, n_group=4, topk_group=2,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    base = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=args.steps // 50,
+                seed=args.seed)
+    scaled_gamma = round(1.0 / args.steps, 4)  # the bias can cross the sigmoid range (~1) within the run
+    variants = [
+        ("aux-free, gamma 1e-3 (paper)", dict(balance="aux-free")),
+        (f"aux-free, gamma {scaled_gamma:g} (scaled to {args.steps} steps)", dict(balance="aux-free", gamma=scaled_gamma)),
+        ("aux-loss, alpha 1e-3", dict(balance="aux-loss")),
+        ("none", dict(balance="none")),
+    ]
+    n = cfg.num_params()
+    print(f"balance study: {n['total'] / 1e6:.2f}M-parameter model, {cfg.n_routed_experts} routed experts top-"
+          f"{cfg.num_experts_per_tok} in {sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))} MoE layers "
+          f"+ MTP; {args.steps} steps of {args.batch} x {args.seq} tokens; seed {args.seed}; "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    rows = []
+    for name, kw in variants:
+        t0 = time.perf_counter()
+        tr = Trainer(cfg, TrainConfig(**base, **kw), train)
+        batch_vio = []
+        for _ in range(args.steps):
+            rec = tr.train_step()
+            batch_vio.append(np.mean(list(rec["maxvio_batch"].values())))
+        ev = tr.evaluate(val)
+        rows.append((name, ev["val_loss"], ev["val_bpb"], np.mean(list(ev["val_maxvio_global"].values())),
+                     np.mean(batch_vio[len(batch_vio) // 2:]), np.mean(list(ev["val_maxvio_batch"].values()))))
+        print(f"  {name}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+    print("\n| balancing | val loss | val bits/byte | MaxVio_global (val) | MaxVio_batch (train, 2nd half) "
+          "| MaxVio_batch (val) |")
+    print("|---|---|---|---|---|---|")
+    for name, loss, bpb, g, bt, bv in rows:
+        print(f"| {name} | {loss:.4f} | {bpb:.3f} | {g:.3f} | {bt:.3f} | {bv:.3f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("throughput", "balance", "all"))
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vocab", type=int, default=2048, help="vocabulary size (BPE size for the balance study)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--runs", type=int, default=7, help="timed runs per implementation (throughput)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per variant (balance)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (throughput)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what in ("throughput", "all"):
+        throughput(args)
+    if args.what in ("balance", "all"):
+        if args.what == "all":
+            print()
+        balance(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
