@@ -45,7 +45,8 @@ class MLA(nn.Module):
         self.wo = nn.Linear(h * self.v_dim, dim, bias=False)
         self.softmax_scale = cfg.softmax_scale
         self.interleave = cfg.rope_interleave
-        # "naive", "absorb", or "auto": naive for multi-token chunks (prefill, training), absorbed for decode.
+        # "naive", "absorb", or "auto": whichever needs fewer FLOPs for this query/key shape (naive for
+        # prefill and training, absorbed for decode and short verify chunks over a long cache).
         self.attn_impl = "auto"
 
     def _query(self, x, cos, sin):
@@ -67,9 +68,17 @@ class MLA(nn.Module):
             kv, pe = cache.update(self.layer_id, kv, pe, positions)
         impl = self.attn_impl
         if impl == "auto":
-            impl = "naive" if x.shape[1] > 1 else "absorb"
+            impl = self._cheaper(x.shape[1], kv.shape[1])
         o = (self._naive if impl == "naive" else self._absorbed)(q_nope, q_pe, kv, pe, mask)
         return self.wo(o.flatten(2))
+
+    def _cheaper(self, S: int, L: int) -> str:
+        """FLOPs per batch row: naive decompresses all L latents through wkv_b then attends per
+        head; absorbed maps the S queries into the latent space and attends over L latents."""
+        H, C, R = self.n_heads, self.kv_lora_rank, self.rope_dim
+        naive = L * C * H * (self.nope + self.v_dim) + S * L * H * (self.qk_head_dim + self.v_dim)
+        absorb = S * H * C * (self.nope + self.v_dim) + S * L * H * (2 * C + R)
+        return "naive" if naive <= absorb else "absorb"
 
     def _naive(self, q_nope, q_pe, kv, pe, mask):
         B, S, H, _ = q_nope.shape
