@@ -45,6 +45,30 @@ def configure(p: argparse.ArgumentParser):
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn with the chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     add_sampling_flags(p)
+    from dsv3.parallel.dist import add_parallel_arguments
+
+    # `torchrun --nproc-per-node 2 -m dsv3 generate ... --tp 2` (docs/parallel.md)
+    add_parallel_arguments(p)
+
+
+def _parallel(args):
+    """torchrun's process groups when --tp/--ep ask for them (None otherwise): every rank loads its
+    shard and runs the same schedule (same prompt, same seed); rank 0 prints."""
+    if not hasattr(args, "tp"):
+        return None  # a command without the parallel flags (dsv3 chat)
+    tp, ep = args.tp, args.ep
+    if tp == 1 and ep == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    if getattr(args, "pp", 1) != 1:
+        raise ValueError("--pp: pipeline-parallel inference is not supported by dsv3 generate; use --tp or --ep")
+    if getattr(args, "dp", None) not in (None, 1):
+        raise ValueError("--dp: dsv3 generate serves one prompt; data-parallel replicas would only repeat it "
+                         "(use --tp or --ep)")
+    if args.speculative:
+        raise ValueError("--speculative with --tp/--ep is not supported yet")
+    from dsv3.parallel.dist import init_parallel
+
+    return init_parallel(args)
 
 
 def sampling_params(args):
@@ -77,7 +101,12 @@ def load_engine(args):
     dtype = _DTYPES.get(cfg.torch_dtype, torch.float32) if args.dtype == "auto" else _DTYPES[args.dtype]
     if args.speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative mtp: the model in {args.model} has no MTP layer")
-    model = dsv3.load_model(args.model, dtype=dtype, device=args.device).eval()
+    ctx = _parallel(args)
+    if ctx is not None:
+        args._parallel_ctx = ctx
+        model = ctx.load_model(args.model, dtype).eval()  # each rank reads only its shard
+    else:
+        model = dsv3.load_model(args.model, dtype=dtype, device=args.device).eval()
     return Engine(model, block_size=args.block_size, cache_memory=args.cache_memory_mb << 20,
                   speculative=args.speculative, max_num_seqs=8)
 
@@ -113,6 +142,21 @@ def stream_text(engine, tok, prompt_ids, params, stop_strings, out=None) -> tupl
 
 def run(args):
     engine = load_engine(args)
+    ctx = getattr(args, "_parallel_ctx", None)
+    if ctx is None:
+        return _run(args, engine)
+    try:
+        if ctx.is_main:
+            return _run(args, engine)
+        import contextlib
+
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return _run(args, engine)
+    finally:
+        ctx.destroy()
+
+
+def _run(args, engine):
     params = sampling_params(args)
     if args.prompt_ids is not None:
         try:

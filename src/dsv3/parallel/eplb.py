@@ -313,11 +313,57 @@ def load_loads(path: str) -> torch.Tensor:
     return loads
 
 
+def _metrics_loads(path: Path) -> torch.Tensor | None:
+    # `dsv3 train` metrics: every eval record carries the cumulative training loads per MoE layer
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(rec, dict) and isinstance(rec.get("train_loads"), dict):
+            last = rec["train_loads"]
+    if not last:
+        return None
+    return _parse_loads(list(last.values()), str(path))
+
+
+def load_run_loads(path: str) -> tuple[torch.Tensor, str]:
+    """Loads recorded by `dsv3 train` (cumulative tokens per expert over the training steps, every
+    MoE layer incl. the MTP block, global batch), from a run folder, a checkpoint folder or a
+    metrics.jsonl; any other file goes to load_loads. Returns (loads, the file they came from)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".jsonl":
+        loads = _metrics_loads(p)
+        if loads is None:
+            raise ValueError(f"{path}: no record with 'train_loads' (dsv3 train writes them with each evaluation)")
+        return loads, str(p)
+    if p.is_dir():
+        # a run folder's loads.json is rewritten at each checkpoint; a checkpoint folder holds its own
+        for f in (p / "loads.json", p / "latest" / "loads.json"):
+            if f.is_file():
+                return load_loads(str(f)), str(f)
+        state = p / "latest" / "trainer_state.pt" if (p / "latest").exists() else p / "trainer_state.pt"
+        if state.is_file():
+            st = torch.load(state, map_location="cpu", weights_only=False)
+            tracker = st.get("tracker") if isinstance(st, dict) else None
+            if tracker and "total" in tracker:
+                return torch.as_tensor(tracker["total"]).to(torch.float64), f"{state} (tracker)"
+        if (p / "metrics.jsonl").is_file():
+            loads = _metrics_loads(p / "metrics.jsonl")
+            if loads is not None:
+                return loads, str(p / "metrics.jsonl")
+        raise ValueError(f"{path}: a folder without recorded expert loads (loads.json, latest/loads.json, "
+                         f"a trainer_state.pt or metrics.jsonl records with 'train_loads')")
+    return load_loads(path), str(p)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loads", required=True, metavar="FILE",
+    parser.add_argument("--loads", required=True, metavar="FILE_OR_RUN",
                         help="expert load statistics: JSON (a list of per-layer lists of loads, or "
-                             "{\"loads\": [[...]]}) or a torch .pt/.pth file holding a (layers, experts) "
-                             "tensor")
+                             "{\"loads\": [[...]]}), a torch .pt/.pth file holding a (layers, experts) "
+                             "tensor, or what `dsv3 train` recorded: its run folder (loads.json), a "
+                             "checkpoint folder, or its metrics.jsonl")
     parser.add_argument("--replicas", type=int, default=None, metavar="N",
                         help="number of physical experts (replicas) in total; a multiple of --gpus "
                              "(default: the number of logical experts, i.e. no redundant experts)")
@@ -335,7 +381,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    loads = load_loads(args.loads)
+    loads, source = load_run_loads(args.loads)
+    if source != str(Path(args.loads)):
+        print(f"loads from {source}")
     layers, num_experts = loads.shape
     replicas = args.replicas if args.replicas is not None else num_experts
     try:

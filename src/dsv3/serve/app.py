@@ -901,6 +901,11 @@ def configure(p: argparse.ArgumentParser):
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
+    # Parallel serving would need every rank to replay rank 0's engine schedule (each TP/EP layer is a
+    # collective); until that exists the flags are refused instead of silently serving one rank.
+    for flag in ("dp", "ep", "tp", "pp"):
+        p.add_argument(f"--{flag}", type=int, default=1,
+                       help="not supported by dsv3 serve yet (1 only); use dsv3 generate for --tp/--ep")
 
 
 def build_server(args) -> Server:
@@ -910,6 +915,13 @@ def build_server(args) -> Server:
     from dsv3.config import ModelConfig
     from dsv3.infer.engine import Engine
 
+    for flag in ("dp", "ep", "tp", "pp"):
+        if getattr(args, flag, 1) != 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: parallel serving is not supported by dsv3 serve yet "
+                             f"(the engine's schedule is not replayed on the other ranks); run it on one process, or "
+                             f"use dsv3 generate --tp/--ep under torchrun")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("dsv3 serve runs as one process: do not launch it under torchrun")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model)

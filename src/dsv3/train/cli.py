@@ -58,8 +58,10 @@ FIXED_ON_RESUME = (
     "data", "preset", "model_config", "tokenizer", "vocab_size", "text_field", "val_fraction", "mtp_depth",
     "steps", "seed", "batch_size", "batch_size_start", "micro_batch_size", "seq_len", "lr", "warmup_steps",
     "balance", "gamma", "gamma_stop_at", "seq_alpha", "aux_alpha", "mtp_lambda", "mtp_switch_at",
-    "init_std", "dtype", "weight_decay", "grad_clip", "compile",
+    "init_std", "dtype", "weight_decay", "grad_clip", "compile", "fp8",
 )
+# torchrun layout flags (dsv3.parallel.dist.add_parallel_arguments): not part of the run's options
+PARALLEL_FLAGS = ("dp", "ep", "tp", "pp", "dp_mode", "fp8_dispatch", "dist_backend")
 TRAIN_FIELDS = (
     "steps", "seed", "batch_size", "batch_size_start", "micro_batch_size", "seq_len", "lr", "warmup_steps",
     "balance", "gamma", "gamma_stop_at", "seq_alpha", "aux_alpha", "mtp_lambda", "mtp_switch_at", "init_std",
@@ -122,6 +124,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     m.add_argument("--aux-alpha", type=float, help="expert-level auxiliary loss factor (aux-loss; default 1e-3)")
     m.add_argument("--init-std", type=float,
                    help="init std of every matrix (default 0.006 * sqrt(7168 / hidden): the paper's, width-scaled)")
+    m.add_argument("--fp8", action="store_true", default=None,
+                   help="FP8 mixed-precision GEMMs (paper §3.3: 1x128 activation tiles, 128x128 weight blocks, "
+                        "fp32 accumulation; dsv3.fp8.training); weights and optimizer stay in --dtype")
+    from dsv3.parallel.dist import add_parallel_arguments
+
+    # under torchrun: `torchrun --nproc-per-node 2 -m dsv3 train ... --ep 2` (docs/parallel.md)
+    add_parallel_arguments(p)
     e = p.add_argument_group("evaluation, checkpoints, samples")
     e.add_argument("--eval-every", type=int, help="validate every N steps (default: --steps / 10)")
     e.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default 0: all)")
@@ -141,7 +150,7 @@ RUN_DEFAULTS = dict(
 
 
 def _given(args) -> dict:
-    skip = {"out", "resume", "stop_after", "deterministic", "no_progress", "_module"}
+    skip = {"out", "resume", "stop_after", "deterministic", "no_progress", "_module", *PARALLEL_FLAGS}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 
@@ -281,6 +290,17 @@ def _load_tokenizer(opts: dict, ckpt: Path | None):
     return Tokenizer.from_dir(src)
 
 
+LOADS_FILE = "loads.json"
+
+
+class _NoMetrics:
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self):
+        pass
+
+
 class _Metrics:
     """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they belong to
     the part of the interrupted run that is being redone)."""
@@ -338,8 +358,12 @@ def run(args) -> int:
     tcfg.validate(model_cfg)
     if opts["stop_after"] is not None and ckpt is None and opts["stop_after"] > tcfg.steps:
         raise ValueError(f"--stop-after {opts['stop_after']} is more than --steps {tcfg.steps}")
+    prepare = _fp8_prepare() if opts.get("fp8") else None
+    ctx = _parallel_context(args, ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not ctx.is_main:
+        opts["progress"] = False
 
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
@@ -349,16 +373,64 @@ def run(args) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Trainer)
+        if ctx.is_main:
+            return _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Trainer, ctx, prepare)
+        # the other ranks compute the same steps and write nothing (rank 0 holds the metrics,
+        # checkpoints and samples); their prints are dropped
+        import contextlib
+
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Trainer, ctx, prepare)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
+        if ctx.distributed:
+            ctx.destroy()
 
 
-def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Trainer) -> int:
+def _fp8_prepare():
+    try:
+        from dsv3.fp8.training import apply_fp8_training
+    except ImportError as e:
+        raise ValueError(f"--fp8: FP8 training is not available in this installation ({e})") from None
+    return apply_fp8_training
+
+
+def _parallel_context(args, ckpt):
+    """The torchrun process groups (a single-process no-op under plain python)."""
+    from dsv3.parallel.dist import init_parallel
+
+    if args.pp != 1:
+        raise ValueError("--pp: pipeline parallel training via dsv3 train is not supported yet; use "
+                         "dsv3.parallel.pipeline (1F1B / DualPipe / DualPipeV schedules) from Python")
+    if args.tp != 1:
+        raise ValueError("--tp: tensor parallelism is for inference only (the paper trains without TP); "
+                         "use --dp/--ep for dsv3 train")
+    if ckpt is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--resume under torchrun (--dp/--ep) is not supported yet: the optimizer state is "
+                         "sharded over the ranks and not checkpointed")
+    return init_parallel(args)
+
+
+def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Trainer, ctx, prepare) -> int:
     t_start = time.perf_counter()
     # ---- 2. tokenizer and data ----
-    tokenizer = _load_tokenizer(opts, ckpt)
+    if ctx.distributed:
+        # rank 0 trains the tokenizer and fills the token cache; the others then read both, so
+        # every rank has the very same vocabulary and shards
+        shared_tok = out / ".tokenizer"
+        if ctx.is_main:
+            tokenizer = _load_tokenizer(opts, ckpt)
+            tokenizer.save(shared_tok)
+            load_corpus(opts["data"], tokenizer, opts["cache_dir"], opts["text_field"], opts["val_fraction"],
+                        progress=opts["progress"])
+        ctx.barrier()
+        if not ctx.is_main:
+            from dsv3.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(shared_tok)
+    else:
+        tokenizer = _load_tokenizer(opts, ckpt)
     vocab = tokenizer.vocab_size
     model_cfg = _model_config(opts, vocab, tokenizer)
     if ckpt is not None:
@@ -376,7 +448,8 @@ def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Tr
             f"window of {window} tokens (--seq-len {tcfg.seq_len} + 1 + MTP depth {D}); use a larger --val-fraction, "
             f"a shorter --seq-len or a bigger corpus"
         )
-    trainer = Trainer(model_cfg, tcfg, train_data)  # the sampler raises if the train split is too short
+    # the sampler raises if the train split is too short
+    trainer = Trainer(model_cfg, tcfg, train_data, parallel=ctx, prepare=prepare)
     if ckpt is not None:
         from dsv3.checkpoint import load_model
 
@@ -384,16 +457,21 @@ def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Tr
         weights = load_model(ckpt, dtype=torch.float32).state_dict()
         trainer.load_state_dict(state, weights)
         print(f"resumed {ckpt} at step {trainer.step}")
-    ck.remove_stale_temps(out)
+    if ctx.is_main:
+        ck.remove_stale_temps(out)
     n = model_cfg.num_params()
     print(f"model: {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active per token, "
           f"+{n['mtp'] / 1e6:.2f}M MTP), vocab {vocab}; data: {len(train_data):,} train / {len(val_data):,} val tokens "
           f"({val_data.bytes_per_token:.2f} bytes/token); {tcfg.steps} steps of up to {tcfg.batch_size} x "
-          f"{tcfg.seq_len} tokens, balance {tcfg.balance}, {tcfg.dtype} on {tcfg.device}")
+          f"{tcfg.seq_len} tokens, balance {tcfg.balance}, {tcfg.dtype}{' (fp8 GEMMs)' if prepare else ''} on "
+          f"{tcfg.device}" + (f", {ctx.world} processes {ctx.sizes}" if ctx.distributed else ""))
 
     saved_opts = {k: v for k, v in opts.items() if k not in ("stop_after", "progress")}
-    (out / "train_args.json").write_text(json.dumps(saved_opts, indent=2, sort_keys=True) + "\n")
-    metrics = _Metrics(out / "metrics.jsonl", trainer.step if ckpt is not None else None)
+    if ctx.is_main:
+        (out / "train_args.json").write_text(json.dumps(saved_opts, indent=2, sort_keys=True) + "\n")
+        metrics = _Metrics(out / "metrics.jsonl", trainer.step if ckpt is not None else None)
+    else:
+        metrics = _NoMetrics()
     metrics.write({"kind": "run", "step": trainer.step, "moe_layers": trainer.layer_names,
                    "n_experts": model_cfg.n_routed_experts, "params": n, "vocab_size": vocab,
                    "bytes_per_token": val_data.bytes_per_token, "train_config": tcfg.to_dict(),
@@ -405,8 +483,20 @@ def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Tr
 
     def save():
         state = trainer.state_dict()
-        path = ck.save_checkpoint(out, trainer.step, trainer.master, tokenizer, state, saved_opts,
-                                  keep=opts["keep_checkpoints"])
+        master = trainer.full_master()  # collective under dp/ep
+        path = None
+        if ctx.is_main:
+            path = ck.save_checkpoint(out, trainer.step, master, tokenizer, state, saved_opts,
+                                      keep=opts["keep_checkpoints"])
+            loads = trainer.loads_record()
+            if loads is not None:
+                # cumulative expert loads of the run so far, for `dsv3 eplb --loads OUT`
+                text = json.dumps(loads) + "\n"
+                (path / LOADS_FILE).write_text(text)
+                tmp = out / (LOADS_FILE + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, out / LOADS_FILE)
+        ctx.barrier()
         return path
 
     def evaluate():
@@ -444,7 +534,7 @@ def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Tr
     if steps_done == 0 and (ckpt is None or not ck.list_checkpoints(out)):
         save()
     tok_s = (trainer.tokens - tokens0) / elapsed if elapsed > 0 else float("nan")
-    latest = ck.latest_checkpoint(out)
+    latest = ck.latest_checkpoint(out) if ctx.is_main else None
     print(f"{steps_done} steps in {elapsed:.0f}s ({tok_s:.0f} tokens/s), {time.perf_counter() - t_start:.0f}s in all; "
           f"checkpoint {latest}")
     if trainer.step < tcfg.steps:
@@ -454,11 +544,18 @@ def _train(opts, ckpt, out, model_cfg, tcfg, tqdm, generate, ck, load_corpus, Tr
         last_eval = evaluate()
     if "val_bpb" in last_eval:
         print(f"validation: loss {last_eval['val_loss']:.4f} nats/token, {last_eval['val_bpb']:.3f} bits/byte")
-    _print_samples(trainer, tokenizer, val_data, opts, generate)
+    if ctx.distributed:
+        # sample from the gathered single-device model on rank 0 (no collectives in generate)
+        full = trainer.full_master()
+        if ctx.is_main:
+            _print_samples(trainer, tokenizer, val_data, opts, generate, full)
+        ctx.barrier()
+    else:
+        _print_samples(trainer, tokenizer, val_data, opts, generate)
     return 0
 
 
-def _print_samples(trainer, tokenizer, val_data, opts, generate) -> None:
+def _print_samples(trainer, tokenizer, val_data, opts, generate, model=None) -> None:
     n = opts["samples"]
     if n == 0:
         return
@@ -469,7 +566,7 @@ def _print_samples(trainer, tokenizer, val_data, opts, generate) -> None:
         for inputs, _ in val_data.sequential_batches(n, 8, 0, 1):
             ids = inputs.tolist()
     ids = [x for x in ids if x][:n] or [[tokenizer.bos_id or 0]]
-    model = trainer.model.eval()
+    model = (trainer.model if model is None else model).eval()
     with torch.compiler.set_stance("force_eager"):  # a --compile run compiled the training shapes only
         new = generate(model, ids, opts["sample_tokens"], temperature=opts["temperature"], top_p=0.95,
                        eos_id=tokenizer.eos_id, seed=trainer.cfg.seed)

@@ -271,8 +271,24 @@ class Trainer:
         cfg: TrainConfig,
         train_data: TokenDataset,
         model: Transformer | None = None,
+        parallel=None,
+        prepare=None,
     ):
+        """`parallel`: a dsv3.parallel.dist.ParallelContext (from init_parallel) to train data/expert
+        parallel over torchrun's processes; `prepare(model)`: called on the fp32 model right after it
+        is built, before any copy, sharding or optimizer (e.g. dsv3.fp8.training.apply_fp8_training)."""
         cfg.validate(model_cfg)
+        self.parallel = parallel if parallel is not None and parallel.distributed else None
+        if self.parallel is not None:
+            # The bf16 master copy and the compiled blocks would each need their own sharding;
+            # keep the parallel path to the one tested configuration.
+            if cfg.dtype != "fp32":
+                raise ValueError(f"--dtype {cfg.dtype} with --dp/--ep is not supported yet: use --dtype fp32")
+            if cfg.compile:
+                raise ValueError("--compile with --dp/--ep is not supported yet")
+            if prepare is not None:
+                raise ValueError("--fp8 with --dp/--ep is not supported yet (the FP8 experts and the "
+                                 "expert-parallel experts both replace the MoE's experts)")
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
         self.depth = model_cfg.num_nextn_predict_layers
@@ -286,6 +302,13 @@ class Trainer:
             master = model.to(self.device)
             for p in master.parameters():
                 p.data = p.data.float()
+        if prepare is not None:
+            prepare(master)
+        if self.parallel is not None:
+            # every rank built the same model from the same seed; EP keeps this rank's experts,
+            # then FSDP2 / replicated DP over the rest (dsv3.parallel.dist)
+            self.parallel.parallelize(master)
+            master = self.parallel.model
         master.train()
         self.master = master
         if cfg.dtype == "bf16":
@@ -351,14 +374,18 @@ class Trainer:
         lam, gamma = self.mtp_lambda(), self.gamma()
         lr = self.scheduler.get_last_lr()[0]
         windows = self.sampler.next_windows(bs).to(self.device)
-        mb = cfg.micro_batch_size or bs
+        if self.parallel is not None:
+            # every rank draws the same global batch (same sampler seed) and keeps its slice
+            windows = self.parallel.local_batch(windows)
+        local_bs = windows.shape[0]
+        mb = cfg.micro_batch_size or local_bs
         self.model.train()
         sums = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
         loads = None
         for micro in windows.split(mb):
             # Every loss term is a mean over its micro-batch: weighting by its share of the rows
             # makes the accumulated gradient that of the mean over the whole step's batch.
-            w = micro.shape[0] / bs
+            w = micro.shape[0] / local_bs
             out = compute_losses(self.model, micro, cfg.seq_len, lam, cfg.balance, cfg.seq_alpha,
                                  cfg.aux_alpha, self.layers)
             (out.loss * w).backward()
@@ -368,7 +395,14 @@ class Trainer:
                 sums[k] += _item(v) * w
             if out.loads is not None:
                 loads = out.loads if loads is None else loads + out.loads
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), cfg.grad_clip)
+        if self.parallel is not None:
+            # each rank's loss is the mean over its slice: the reduced gradients are those of the
+            # global mean, and the norm is the global gradient's
+            self.parallel.reduce_gradients()
+            grad_norm = self.parallel.clip_grad_norm_(cfg.grad_clip)
+            sums = {k: float(self.parallel.mean(v)) for k, v in sums.items()}
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -389,6 +423,10 @@ class Trainer:
             "batch_size": bs,
             "grad_norm": float(grad_norm),
         }
+        if loads is not None and self.parallel is not None:
+            # the bias update and the statistics count the global batch (issue 7: loads all-reduced
+            # over the data- and expert-parallel ranks)
+            loads = self.parallel.global_loads(loads)
         if loads is not None:
             # Aux-free balancing (§2.1.2): after the step, b_i += gamma * sign(mean - load_i) with
             # the loads of the whole step (every micro-batch), the global batch of the paper.
@@ -476,6 +514,28 @@ class Trainer:
         return out
 
     # ---- state for checkpoints (the weights are saved separately, as an HF folder) ----
+    def full_master(self) -> Transformer:
+        """The master weights as a single-device Transformer (for saving and sampling). Under
+        parallel training this is collective: every rank must call it."""
+        if self.parallel is None:
+            return self.master
+        from dsv3.parallel.data import full_state_dict
+
+        weights = full_state_dict(self.master, self.parallel.group("ep"))
+        full = Transformer(self.model_cfg)  # on CPU: non-persistent buffers (rotary) are built, not loaded
+        missing, unexpected = full.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("inv_freq")]
+        assert not missing and not unexpected, (missing[:5], unexpected[:5])
+        return full.eval()
+
+    def loads_record(self) -> dict | None:
+        """Cumulative per-layer, per-expert loads of the training steps so far (global batch), in
+        the form `dsv3 eplb --loads` reads."""
+        if self.tracker is None:
+            return None
+        return {"step": self.step, "steps": self.tracker.steps, "layers": self.layer_names,
+                "loads": self.tracker.total.tolist()}
+
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -483,7 +543,9 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
-            "optimizer": self.optimizer.state_dict(),
+            # under dp/ep the optimizer state is sharded over the ranks: not saved (no parallel resume)
+            "optimizer": self.optimizer.state_dict() if self.parallel is None else None,
+            "parallel": dict(self.parallel.sizes) if self.parallel is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
@@ -496,6 +558,9 @@ class Trainer:
         """`weights`: the master model's state dict (with the gate biases) as read from the checkpoint."""
         if ModelConfig.from_hf(state["model_config"]) != self.model_cfg:
             raise ValueError("the checkpoint's model config differs from this run's")
+        if state.get("optimizer") is None:
+            raise ValueError(f"this checkpoint was written by a parallel run ({state.get('parallel')}) without "
+                             f"optimizer state: it cannot be resumed (its weights load with dsv3.load_model)")
         with torch.no_grad():
             missing, unexpected = self.master.load_state_dict(weights, strict=False)
             missing = [k for k in missing if not k.endswith("inv_freq")]
