@@ -39,6 +39,7 @@ from dsv3.infer.params import (ABORT, LENGTH, STOP, Completion, Request, Request
 from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, batched_filtered_probs,
                                  sample_inverse_cdf, token_logprobs)
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
+from dsv3.model.moe import MoE
 
 # logits of at most this many positions are materialised at once for prompt logprobs (V is large)
 _LOGITS_CHUNK = 256
@@ -93,7 +94,8 @@ class Engine:
                  cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, max_queue: int | None = None, enable_prefix_cache: bool = True,
                  speculative: str | None = None, draft_vocab: Sequence[int] | None = None,
-                 eos_token_id: int | None = -1, seed: int | None = None, cache_dtype: torch.dtype | None = None):
+                 eos_token_id: int | None = -1, seed: int | None = None, cache_dtype: torch.dtype | None = None,
+                 collect_expert_loads: bool = False):
         """num_blocks / cache_memory (bytes): the cache budget (default: 512 MiB, at least one
         full-length sequence). eos_token_id: -1 takes the model config's; None disables EOS.
         speculative: None or "mtp" (needs num_nextn_predict_layers >= 1). draft_vocab: token ids the
@@ -138,6 +140,17 @@ class Engine:
         self.alloc = BlockAllocator(num_blocks, block_size, enable_prefix_cache)
         self.cache = PagedLatentCache(cfg, num_blocks, block_size, n_layers, cache_dtype, self.device)
         self._mla = [m for m in model.modules() if hasattr(m, "attn_impl")]
+        # collect_expert_loads: count the tokens routed to each expert of every main-model MoE layer
+        # (what EPLB places replicas from; `save_expert_loads` writes what `dsv3 eplb --loads` reads)
+        self._loads: dict[int, torch.Tensor] | None = None
+        self._in_step = False
+        if collect_expert_loads:
+            self._loads = {}
+            for layer in model.layers:
+                if isinstance(layer.ffn, MoE):
+                    self._loads[layer.layer_id] = torch.zeros(layer.ffn.n_experts, dtype=torch.long)
+                    layer.ffn.record_routing = True
+                    layer.ffn.register_forward_hook(self._load_counter(layer.layer_id))
         self._impl = None
 
         self.waiting: list[Request] = []      # sorted by arrival
@@ -237,6 +250,27 @@ class Engine:
                 with self._lock:
                     self._work.wait_for(lambda: self._inbox or stop.is_set(), timeout=idle_timeout)
 
+    def _load_counter(self, layer_id: int):
+        def hook(moe, args, out):
+            if not self._in_step:
+                return
+            idx = moe.last_routing[1]
+            self._loads[layer_id] += torch.bincount(idx.flatten(), minlength=moe.n_experts).cpu()
+        return hook
+
+    def expert_loads(self) -> torch.Tensor:
+        """(MoE layers, experts) token counts since the engine started (collect_expert_loads=True)."""
+        if self._loads is None:
+            raise ValueError("expert loads are collected only with Engine(collect_expert_loads=True)")
+        return torch.stack([self._loads[k] for k in sorted(self._loads)])
+
+    def save_expert_loads(self, path) -> None:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"loads": self.expert_loads().tolist(), "source": "dsv3 engine",
+                       "layers": sorted(self._loads)}, f)
+
     def reset_prefix_cache(self):
         self.alloc.reset_prefix_cache()
 
@@ -249,11 +283,15 @@ class Engine:
         groups: dict[tuple[str, int], list[_Item]] = {}
         for it in items:
             groups.setdefault((it.kind, it.n), []).append(it)
-        for (kind, n), group in groups.items():
-            if kind == "verify":
-                self._run_verify(group)
-            else:
-                self._run_fill(group, n)
+        self._in_step = True  # expert-load hooks count only the engine's own forwards
+        try:
+            for (kind, n), group in groups.items():
+                if kind == "verify":
+                    self._run_verify(group)
+                else:
+                    self._run_fill(group, n)
+        finally:
+            self._in_step = False
         return self._collect([it.req for it in items])
 
     # ------------------------------------------------------------------ requests in and out
