@@ -211,6 +211,13 @@ def load_state_dict(path: str, cfg: ModelConfig, model: Transformer, dtype: torc
             filled_experts[ds].add(e)
         else:
             out[ds] = t.to(tdtype)
+    check_complete(path, expected, out, filled_experts, unexpected)
+    return out
+
+
+def check_complete(path, expected: dict, out: dict, filled_experts: dict, unexpected: list):
+    """The loader's verdict: checkpoint tensors dsv3 has no place for, then model tensors (or single
+    experts of a stacked tensor) the checkpoint did not provide. Each error names tensors and files."""
     if unexpected:
         names = ", ".join(f"{n} (in {os.path.basename(f)})" for n, f in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -223,12 +230,17 @@ def load_state_dict(path: str, cfg: ModelConfig, model: Transformer, dtype: torc
     if missing:
         raise ValueError(f"missing tensors in {path}: {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    return out
 
 
-def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> Transformer:
+def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8: bool = False) -> Transformer:
     """Loads an HF-format folder (config.json + one or sharded safetensors) into a dsv3 Transformer.
-    The model is built on the meta device and the loaded tensors are assigned, not copied."""
+    The model is built on the meta device and the loaded tensors are assigned, not copied.
+    fp8=True keeps the linear weights in FP8 with their block scales (dsv3.fp8.resident): an FP8
+    checkpoint as released, a BF16/FP32 one quantized while loading."""
+    if fp8:
+        from dsv3.fp8.resident import load_fp8_model  # imports this module: keep the import here
+
+        return load_fp8_model(path, dtype=dtype, device=device)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a checkpoint folder")
