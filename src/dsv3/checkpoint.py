@@ -188,16 +188,9 @@ def load_state_dict(path: str, cfg: ModelConfig, model: Transformer, dtype: torc
                 raise ValueError(f"FP8 tensor {name!r} in {file} has no {sname!r} in the checkpoint")
             t = weight_dequant(t, _get(handles, files[sname], sname), dtype=torch.float32)
         ds, e = target
-        if ds == "shared":  # MTP copy of the embedding / head: must match the shape; the main one is used
-            if tuple(t.shape) != tuple(expected[e].shape):
-                raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(t.shape)}, "
-                                 f"model {tuple(expected[e].shape)}")
+        if not check_shape(name, file, t.shape, ds, e, expected):
             continue
         ref = expected[ds]
-        want = tuple(ref.shape[1:]) if e is not None else tuple(ref.shape)
-        if tuple(t.shape) != want:
-            raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(t.shape)}, model {want} "
-                             f"(dsv3 {ds}); does config.json match the weights?")
         # the router bias stays fp32 (selection is sensitive to small bias differences)
         tdtype = torch.float32 if ds.endswith("gate.bias") else dtype
         if e is not None:
@@ -213,6 +206,22 @@ def load_state_dict(path: str, cfg: ModelConfig, model: Transformer, dtype: torc
             out[ds] = t.to(tdtype)
     check_complete(path, expected, out, filled_experts, unexpected)
     return out
+
+
+def check_shape(name: str, file: str, shape, ds: str, e, expected: dict) -> bool:
+    """A checkpoint tensor's shape against the model's (one expert's slice for stacked experts).
+    False for an MTP copy of the embedding / head: checked, then skipped (the main one is used)."""
+    if ds == "shared":
+        ref = tuple(expected[e].shape)
+        if tuple(shape) != ref:
+            raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(shape)}, model {ref}")
+        return False
+    ref = expected[ds].shape
+    want = tuple(ref[1:]) if e is not None else tuple(ref)
+    if tuple(shape) != want:
+        raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(shape)}, model {want} "
+                         f"(dsv3 {ds}); does config.json match the weights?")
+    return True
 
 
 def check_complete(path, expected: dict, out: dict, filled_experts: dict, unexpected: list):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.checkpoint import _get, _weight_files, check_complete, hf_to_dsv3
+from dsv3.checkpoint import _get, _weight_files, check_complete, check_shape, hf_to_dsv3
 from dsv3.config import ModelConfig
 from dsv3.fp8.linear import BACKENDS, FP8Linear, fp8_gemm, fp8_gemm_reference
 from dsv3.fp8.quant import BLOCK, FP8_DTYPE, _check_scale_fmt, weight_dequant, weight_quant
@@ -281,16 +281,9 @@ def _load_state_dict(path, cfg, model, dtype, block, scale_fmt) -> dict:
             if t.dim() != 2 or tuple(scale.shape) != want:
                 raise ValueError(f"{sname} in {files[sname]} has shape {tuple(scale.shape)}, expected {want} for "
                                  f"{name} of shape {tuple(t.shape)} with {block}x{block} blocks")
-        if ds == "shared":  # MTP copy of the embedding / head: checked, the main one is used
-            if tuple(t.shape) != tuple(expected[e].shape):
-                raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(t.shape)}, "
-                                 f"model {tuple(expected[e].shape)}")
+        if not check_shape(name, file, t.shape, ds, e, expected):
             continue
         ref = expected[ds]
-        want = tuple(ref.shape[1:]) if e is not None else tuple(ref.shape)
-        if tuple(t.shape) != want:
-            raise ValueError(f"shape mismatch for {name} in {file}: checkpoint {tuple(t.shape)}, model {want} "
-                             f"(dsv3 {ds}); does config.json match the weights?")
         if ds in fp8_slots:
             if scale is None:  # a high-precision checkpoint: quantize on load
                 t, scale = weight_quant(t, block, scale_fmt)
