@@ -4,6 +4,7 @@ Modules are imported lazily so `dsv3 --help` stays fast and a missing optional
 dependency only affects its own command."""
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # command -> (module, one-line help)
