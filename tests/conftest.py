@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET once, when it is first imported, and other test modules import it
+# early (transformers' FP8 integration does): set it here, before any test module is imported, so the
+# FP8 Triton kernel runs in Triton's interpreter on machines without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Two cores: under pytest-xdist each worker takes one thread, so workers don't fight over cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
