@@ -9,9 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores: under pytest-xdist each worker takes one thread, so workers don't fight over cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Two cores shared by two xdist workers (and often by other jobs): one thread per test process.
+# OpenMP threads spinning against a descheduled peer made the tiny ops of these tests ~10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

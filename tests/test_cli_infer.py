@@ -15,14 +15,6 @@ from dsv3.infer.params import SamplingParams
 from dsv3.tokenizer import Tokenizer, train_bpe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_chat")

@@ -16,15 +16,6 @@ from dsv3.model.moe import MoE
 from hf_ref import YARN, make_v3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a loaded 2-core box: OpenMP threads spinning against each other cost 10x on these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     m = dsv3.Transformer(preset("tiny").replace(**kw)).init_weights(std=0.1)

@@ -10,15 +10,6 @@ from dsv3.infer.cache import LatentCache
 from dsv3.infer.paged import NULL_BLOCK, BlockAllocator, NoFreeBlocks, PagedLatentCache, block_key
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a loaded 2-core box: OpenMP threads spinning against each other cost 10x on these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return dsv3.Transformer(preset("tiny").replace(**kw)).init_weights(std=0.1).eval()

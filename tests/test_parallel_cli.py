@@ -20,14 +20,6 @@ SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 STEPS, BATCH, SEQ = 3, 4, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     p = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"

@@ -92,14 +92,6 @@ def wait_until(cond, timeout=30.0, what="condition"):
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("serve") / "tiny")

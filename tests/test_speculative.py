@@ -15,14 +15,6 @@ from dsv3.model.moe import MoE
 from test_engine import check_blocks, greedy, rand_prompts, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chi2_critical(df: int, z: float = 3.09) -> float:
     """Wilson-Hilferty approximation of the chi-square quantile (z = 3.09: p = 0.001)."""
     a = 2 / (9 * df)

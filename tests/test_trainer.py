@@ -18,15 +18,6 @@ from hf_ref import make_v3
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread is faster than two fighting over a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     return preset("tiny").replace(**kw)
 
