@@ -28,7 +28,7 @@ from dsv3.config import ModelConfig
 from dsv3.fp8.linear import BACKENDS, FP8Linear, fp8_gemm, fp8_gemm_reference
 from dsv3.fp8.quant import BLOCK, FP8_DTYPE, _check_scale_fmt, weight_dequant, weight_quant
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MLP, Experts, MoE
+from dsv3.model.moe import MLP, Experts, MoE, combine, dispatch
 from dsv3.model.transformer import Transformer
 
 SCALE_SUFFIX = "_scale_inv"
@@ -89,11 +89,8 @@ class FP8Experts(nn.Module):
         """Pairs sorted by expert (as Experts.forward_grouped), then one FP8 GEMM chain per
         expert with tokens on its contiguous slice: the layout a grouped FP8 kernel would take.
         Activation tiles are per row, so slicing rows never changes a tile's scale."""
-        T, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        order, token, counts = dispatch(idx, self.n_experts)
+        counts = counts.tolist()
         xs = x[token]  # (T*K, D), grouped by expert
         y = torch.empty_like(xs)
         start = 0
@@ -101,8 +98,7 @@ class FP8Experts(nn.Module):
             if c:
                 y[start:start + c] = self._expert(xs[start:start + c], e)
             start += c
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return combine(x, y, weights, order, token)
 
     def forward_loop(self, x, weights, idx):
         """Twin: one expert at a time over the tokens that chose it (the reference implementation's loop)."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from dsv3.fp8.linear import BACKENDS, _scaled_mm_supported
 from dsv3.fp8.quant import BLOCK, FP8_DTYPE, act_dequant, act_quant, weight_quant
-from dsv3.model.moe import MLP, Experts, MoE
+from dsv3.model.moe import MLP, Experts, MoE, combine, dispatch
 
 
 def _rows(scale: torch.Tensor, n: int, block: int) -> torch.Tensor:
@@ -206,11 +206,8 @@ class FP8TrainExperts(nn.Module):
         self.block, self.backend = block, backend
 
     def forward_grouped(self, x, weights, idx):
-        T, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        order, token, counts = dispatch(idx, self.w1.shape[0])
+        counts = counts.tolist()
         xs = x[token]  # (T*K, D), grouped by expert
 
         def gemm(a, w):
@@ -218,8 +215,7 @@ class FP8TrainExperts(nn.Module):
 
         h = F.silu(gemm(xs, self.w1)) * gemm(xs, self.w3)
         y = gemm(h, self.w2)  # (T*K, D)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return combine(x, y, weights, order, token)
 
     def forward_loop(self, x, weights, idx):
         out = torch.zeros_like(x)

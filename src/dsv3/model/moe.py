@@ -74,6 +74,21 @@ class Gate(nn.Module):
         return self.route(self.scores(x))
 
 
+def dispatch(idx: torch.Tensor, n_experts: int):
+    """Expert ids (T, K) -> the (token, expert) pairs sorted by expert: their order in idx.flatten(),
+    the token of each sorted pair, and the pair count per expert (E,). Every grouped expert
+    implementation (this one, FP8 inference, FP8 training) runs its GEMMs on that layout."""
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts)
+
+
+def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, order, token) -> torch.Tensor:
+    """Sorted pair outputs y (T*K, D) -> (T, D): each scaled by its gate weight, summed per token."""
+    y = y * weights.flatten()[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
 class Experts(nn.Module):
     """The routed experts, stacked: w1/w3 (E, I, D), w2 (E, D, I)."""
 
@@ -85,18 +100,13 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x, weights, idx):
         """Fast path: sort the (token, expert) pairs by expert and run three grouped GEMMs."""
-        T, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K  # token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.w1.shape[0])
+        order, token, counts = dispatch(idx, self.w1.shape[0])
         offs = counts.cumsum(0).to(torch.int32)
         xs = x[token]  # (T*K, D), grouped by expert
         h = F.silu(F.grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)) * \
             F.grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)
         y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (T*K, D)
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return combine(x, y, weights, order, token)
 
     def forward_loop(self, x, weights, idx):
         """Slow twin: one expert at a time, as the reference implementation does."""

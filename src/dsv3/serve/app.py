@@ -445,7 +445,7 @@ class Server:
 
     async def collect(self, request: Request, gen: Generation) -> list[Delta] | None:
         """All deltas of a non-streamed request; None if the client went away (the requests are
-        then aborted)."""
+        then aborted). An error the engine reported for any of them is raised."""
         async def consume():
             return [d async for d in gen.deltas()]
 
@@ -453,9 +453,13 @@ class Server:
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            return None
+            if task not in done:
+                return None
+            deltas = task.result()
+            err = next((d.error for d in deltas if d.error is not None), None)
+            if err is not None:
+                raise err
+            return deltas
         finally:
             watch.cancel()
             task.cancel()
@@ -489,9 +493,6 @@ class Server:
         deltas = await self.collect(request, gen)
         if deltas is None:
             return Response(status_code=499)
-        err = next((d.error for d in deltas if d.error is not None), None)
-        if err is not None:
-            raise err
         per = {i: [d for d in deltas if d.index == i] for i in range(req.n)}
         out, n_out = [], 0
         for i, c in enumerate(choices):
@@ -593,9 +594,6 @@ class Server:
         deltas = await self.collect(request, gen)
         if deltas is None:
             return Response(status_code=499)
-        err = next((d.error for d in deltas if d.error is not None), None)
-        if err is not None:
-            raise err
         out, n_out, cached = [], 0, []
         for c in choices:
             ds = [d for d in deltas if d.index == c.index]
