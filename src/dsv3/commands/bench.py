@@ -120,21 +120,24 @@ def _hf_prefill(model, tokens):
 def _dsv3_prefill_cache(model, prompt, n: int):
     """Prefill `prompt` (1, P) into a LatentCache with room for n more tokens; returns (cache, next token)."""
     from dsv3.infer.cache import LatentCache
+    from dsv3.infer.screen import greedy_tokens
 
     cfg = model.config
     P = prompt.shape[1]
     dtype = next(model.parameters()).dtype
     cache = LatentCache(cfg, 1, P + n + 1, dtype=dtype, n_layers=cfg.num_hidden_layers)
     h = model.hidden(prompt, torch.arange(P)[None], cache)
-    return cache, model.logits(h[:, -1]).argmax(-1)  # (1,)
+    return cache, greedy_tokens(model, h[:, -1])  # (1,)
 
 
 def _dsv3_steps(model, cache, tok, start: int, n: int):
     """n greedy single-token steps through the cache, the token at position `start` first."""
+    from dsv3.infer.screen import greedy_tokens
+
     out = [int(tok)]
     for i in range(n):
         h = model.hidden(tok[:, None], torch.tensor([[start + i]]), cache)
-        tok = model.logits(h[:, -1]).argmax(-1)
+        tok = greedy_tokens(model, h[:, -1])  # the argmax of the fp32 logits, as dsv3.generate takes it
         out.append(int(tok))
     return out
 

@@ -39,6 +39,7 @@ from dsv3.infer.params import (ABORT, LENGTH, STOP, Completion, Request, Request
 from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, batched_filtered_probs,
                                  sample_inverse_cdf, token_logprobs)
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
+from dsv3.infer.screen import MAX_ROWS as MAX_SCREEN_ROWS, greedy_head
 from dsv3.model.moe import MoE
 
 # logits of at most this many positions are materialised at once for prompt logprobs (V is large)
@@ -566,9 +567,14 @@ class Engine:
                 sample_rows.append(i)
         if sample_rows:
             rows = torch.tensor(sample_rows, device=dev)
-            logits = self.model.logits(h[rows, n - 1]).float()  # (R, V)
-            toks, _ = self._choose([reqs[i] for i in sample_rows], logits)
-            lps = self._logprobs([reqs[i] for i in sample_rows], logits, toks)
+            sreqs = [reqs[i] for i in sample_rows]
+            toks = self._screened(sreqs, h[rows, n - 1])
+            if toks is not None:
+                lps = [None] * len(sreqs)
+            else:
+                logits = self.model.logits(h[rows, n - 1]).float()  # (R, V)
+                toks, _ = self._choose(sreqs, logits)
+                lps = self._logprobs(sreqs, logits, toks)
             for j, i in enumerate(sample_rows):
                 self._append(reqs[i], toks[j], lps[j])
         if self.spec:
@@ -589,9 +595,14 @@ class Engine:
         # absorbed attention also for the 2-token verify: the cache is never decompressed in decode
         self._set_impl("absorb")
         h = self.model.hidden(tokens, positions, self.cache)  # (B, 2, D)
-        logits = self.model.logits(h).float()  # (B, 2, V)
         B = len(reqs)
         drafts = [[r.draft] for r in reqs]
+        tgt = self._screened(reqs, h.reshape(2 * B, -1))
+        if tgt is not None:  # every row greedy without penalties or logprobs: no full logits needed
+            self._accept(group, h, tokens, positions, verify_greedy(torch.tensor(tgt).view(B, 2),
+                                                                    torch.tensor(drafts)), None)
+            return
+        logits = self.model.logits(h).float()  # (B, 2, V)
         x0 = self._process(reqs, logits[:, 0])
         x1 = self._process(reqs, logits[:, 1], extra=drafts)
         emitted: list[list[int]] = [None] * B
@@ -612,6 +623,13 @@ class Engine:
             u = torch.stack([torch.rand(2, generator=reqs[i].generator, dtype=torch.float64) for i in sampled])
             for i, e in zip(sampled, rejection_sample(p, q, d, u.to(dev))):
                 emitted[i] = e
+        self._accept(group, h, tokens, positions, emitted, logits)
+
+    def _accept(self, group: list[_Item], h, tokens, positions, emitted: list[list[int]], logits):
+        """Append each row's verified tokens (with logprobs from the (B, 2, V) logits if there are
+        any), then draft the next token from the last valid position."""
+        reqs = [it.req for it in group]
+        B, dev = len(reqs), self.device
         st = self.spec_stats
         acc = []
         for i, r in enumerate(reqs):
@@ -624,7 +642,8 @@ class Engine:
             # main latents now valid: t_n, and the draft's slot if it was accepted
             r.num_computed = group[i].start + 1 + a
             for j, t in enumerate(e):
-                lp = self._logprobs([r], logits[i:i + 1, j], torch.tensor([t], device=dev))[0]
+                lp = None if logits is None else \
+                    self._logprobs([r], logits[i:i + 1, j], torch.tensor([t], device=dev))[0]
                 st.emitted += 1
                 if self._append(r, t, lp):
                     break
@@ -647,6 +666,11 @@ class Engine:
         cols = torch.tensor([rows_pos[i] for i in live], device=self.device)
         reqs = [group[i].req for i in live]
         x = out[rows, cols]
+        toks = self._screened(reqs, x, need_logprobs=False) if self._draft_ids is None else None
+        if toks is not None:
+            for j, r in enumerate(reqs):
+                r.draft, r.draft_probs = toks[j], None
+            return
         if self._draft_ids is None:
             logits = self.model.logits(x).float()
         else:  # tokens outside the draft vocabulary get probability 0 in q
@@ -686,6 +710,25 @@ class Engine:
             if mask_stop:
                 row[torch.tensor(sorted(r.stop_ids), device=row.device)] = float("-inf")
         return out
+
+    def _screened(self, reqs: list[Request], h: torch.Tensor, need_logprobs: bool = True):
+        """Greedy tokens for hidden states h (R, D), one row per request (or two consecutive rows per
+        request in verification), through the int8 screen of the head (dsv3.infer.screen):
+        exactly the argmax of the fp32 logits, without reading the fp32 head in full. None when any
+        request needs the full logits (sampling, penalties, a masked stop id, logprobs) or the screen
+        does not apply (dtype, device, vocabulary size, too many rows); the caller then computes them."""
+        if h.shape[0] > MAX_SCREEN_ROWS:
+            return None
+        for r in reqs:
+            p = r.params
+            if not p.greedy or p.penalised or (need_logprobs and p.logprobs is not None):
+                return None
+            if r.stop_ids and r.num_output_tokens < p.min_new_tokens:  # stop ids masked (see _process)
+                return None
+        gh = greedy_head(self.model)
+        if gh is None:
+            return None
+        return gh.argmax(h).tolist()
 
     def _probs(self, reqs: list[Request], x: torch.Tensor) -> torch.Tensor:
         dev = x.device

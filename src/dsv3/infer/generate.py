@@ -2,6 +2,7 @@ import torch
 
 from dsv3.infer.cache import LatentCache
 from dsv3.infer.sampling import sample
+from dsv3.infer.screen import MAX_ROWS, greedy_head
 
 
 @torch.no_grad()
@@ -34,12 +35,21 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
     positions = torch.arange(S, device=device).expand(B, S)
+    # greedy decoding of a few rows takes the argmax through the int8 screen of the head: the same
+    # tokens as the fp32 logits' argmax without reading the fp32 head in full (dsv3.infer.screen)
+    screen = greedy_head(model) if temperature == 0 and B <= MAX_ROWS else None
+
+    def next_tokens(x):  # x (B, D) final hidden states
+        if screen is not None:
+            return screen.argmax(x).to(device)
+        return sample(model.logits(x).float(), temperature, top_p, generator=gen)
+
     h = model.hidden(tokens, positions, cache)
-    logits = model.logits(h[torch.arange(B, device=device), lens - 1])  # (B, V): last real token of each
+    x = h[torch.arange(B, device=device), lens - 1]  # (B, D): last real token of each
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pos = lens.clone()  # position of the token about to be fed
     for step in range(max_new_tokens):
-        nxt = sample(logits.float(), temperature, top_p, generator=gen)
+        nxt = next_tokens(x)
         for b in range(B):
             if not done[b]:
                 out[b].append(int(nxt[b]))
@@ -47,7 +57,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             done |= nxt == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        h = model.hidden(nxt[:, None], pos[:, None], cache)
-        logits = model.logits(h[:, -1])
+        x = model.hidden(nxt[:, None], pos[:, None], cache)[:, -1]
         pos = pos + 1
     return out

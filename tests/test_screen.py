@@ -1,0 +1,152 @@
+"""The int8 screen of the output head (dsv3.infer.screen): its error bound holds against float64
+logits, its argmax is the fp32 argmax on weights and hidden states built to be hard (heavy tails,
+outlier features, exact ties, near-ties below the int8 resolution), and greedy decoding through it
+(dsv3.generate, the engine, MTP speculative decoding) gives exactly the tokens of the full fp32 head
+and of transformers."""
+import pytest
+import torch
+
+import dsv3
+import dsv3.infer.engine as engine_mod
+import dsv3.infer.screen as screen
+from dsv3.infer.engine import Engine
+from dsv3.infer.screen import GreedyHead
+from hf_ref import YARN, make_v3
+from test_engine import greedy, rand_prompts, tiny_model
+
+pytestmark = pytest.mark.skipif(screen._engine() is None, reason="no quantized CPU engine in this torch build")
+
+
+def weights(kind: str, V=6000, D=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, D, generator=g) * 0.02
+    if kind == "heavy":  # Student-t-like tails: a few huge entries per row set the int8 scale
+        w = w / torch.rand(V, D, generator=g).clamp_min(0.02)
+    elif kind == "scaled-rows":  # row norms over four orders of magnitude, one zero row
+        w = w * torch.logspace(-2, 2, V)[torch.randperm(V, generator=g)][:, None]
+        w[17] = 0
+    elif kind == "low-rank":  # logits close together: many rows look alike
+        w = (torch.randn(V, 4, generator=g) @ torch.randn(4, D, generator=g)) * 0.01 + w * 1e-3
+    return w
+
+
+def hiddens(D=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(D, generator=g) * s for s in (1e-3, 1.0, 1e3)]
+    x = torch.randn(D, generator=g)
+    x[5] = 80.0  # a "massive activation" feature
+    out.append(x)
+    out.append(torch.rand(D, generator=g))  # all positive: the activation range starts at 0
+    out.append(torch.zeros(D))
+    out += [torch.randn(D, generator=g) for _ in range(20)]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "scaled-rows", "low-rank"])
+def test_bound_holds_and_argmax_is_the_fp32_argmax(kind):
+    w = weights(kind)
+    gh = GreedyHead(w)
+    h = hiddens()
+    exact = h.double() @ w.double().t()  # (N, V) the real-valued logits, to fp64 precision
+    a, b = gh.approx(h), gh.bound(h)
+    assert ((a.double() - exact).abs() <= b.double()).all()
+    assert (b.amax(dim=1) <= gh.err_l2_max * h.norm(dim=1) + gh.l1_max * gh._terms(h)[1] + 1e-12).all()
+    want = torch.nn.functional.linear(h, w).argmax(dim=1)
+    for r in range(0, h.shape[0], 3):  # one to three rows at a time, as decode and verify pass them
+        assert torch.equal(gh.argmax(h[r:r + 3]), want[r:r + 3])
+    assert gh.rows == h.shape[0]
+    assert gh.candidates < gh.rows * w.shape[0] // 4  # the screen really screens
+
+
+def test_exact_ties_and_near_ties_below_the_int8_resolution():
+    w = weights("gauss")
+    h = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
+    top = int((h @ w.t()).argmax())
+    # an exact copy of the best row at a higher id, and one at a lower id: argmax takes the lowest
+    w2 = w.clone()
+    w2[4000] = w2[top]
+    assert int(GreedyHead(w2).argmax(h)) == min(top, 4000)
+    w2[3] = w2[top]
+    assert int(GreedyHead(w2).argmax(h)) == 3
+    # a rival 1e-5 below the best (far below what int8 resolves): the rescoring must separate them
+    w3 = w.clone()
+    w3[10] = w3[top] * (1 - 1e-5)
+    w3[11] = w3[top] * (1 + 1e-5)
+    gh = GreedyHead(w3)
+    assert int(gh.argmax(h)) == int(torch.nn.functional.linear(h, w3).argmax()) == 11
+
+
+def test_only_fp32_cpu_heads_above_the_size_threshold_are_screened():
+    assert not GreedyHead.supported(torch.zeros(10, 10))
+    assert not GreedyHead.supported(torch.zeros(1 << 12, 1 << 10, dtype=torch.bfloat16))
+    assert GreedyHead.supported(torch.zeros(1 << 12, 1 << 10))
+    with pytest.raises(ValueError, match="fp32"):
+        GreedyHead(torch.zeros(8, 8, dtype=torch.float16))
+
+
+def test_rebuilt_when_the_head_changes():
+    m = tiny_model(0)
+    screen.MIN_ELEMENTS, old = 0, screen.MIN_ELEMENTS
+    try:
+        gh = screen.greedy_head(m)
+        assert screen.greedy_head(m) is gh
+        with torch.no_grad():
+            m.head.weight.mul_(2)  # in-place updates (an optimizer step) bump the version
+        assert screen.greedy_head(m) is not gh
+    finally:
+        screen.MIN_ELEMENTS = old
+
+
+@pytest.fixture
+def screened(monkeypatch):
+    """Screen every head (the test models have small vocabularies) and count the rows screened."""
+    monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
+    seen = []
+    real = screen.GreedyHead.argmax
+
+    def counting(self, h):
+        seen.append(h.shape[0])
+        return real(self, h)
+
+    monkeypatch.setattr(screen.GreedyHead, "argmax", counting)
+    return seen
+
+
+def test_greedy_decoding_through_the_screen_equals_transformers(tmp_path, screened):
+    ref = make_v3(tmp_path, seed=11, rope_parameters=YARN)
+    model = dsv3.load_model(tmp_path, dtype=torch.float32)
+    prompts = rand_prompts((7, 3, 12), seed=5, vocab=97)
+    ours = dsv3.generate(model, prompts, max_new_tokens=12)
+    assert screened, "dsv3.generate did not take the screen"
+    screened.clear()
+    engine = Engine(model, block_size=4, max_num_batched_tokens=8, eos_token_id=None)
+    assert [c.token_ids for c in engine.generate(prompts, greedy(12))] == ours
+    assert screened
+    for p, g in zip(prompts, ours):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, min_new_tokens=12)[0, len(p):].tolist()
+        assert g == want
+
+
+def test_engine_and_speculative_decoding_same_tokens_with_and_without_screen(monkeypatch, screened):
+    m = tiny_model(3)
+    prompts = rand_prompts((5, 17, 1, 33, 8, 2), seed=1)
+    with_screen = {}
+    for spec in (None, "mtp"):
+        eng = Engine(m, block_size=4, eos_token_id=None, speculative=spec, max_num_seqs=2)
+        with_screen[spec] = [c.token_ids for c in eng.generate(prompts, greedy(20))]
+        if spec:
+            assert eng.stats().spec.steps > 0
+    assert with_screen[None] == with_screen["mtp"]
+    n_screened = len(screened)
+    assert n_screened > 0
+    # rows that need the full logits (logprobs) bypass the screen, with the same tokens
+    eng = Engine(m, block_size=4, eos_token_id=None, max_num_seqs=2)
+    outs = eng.generate(prompts, greedy(20, logprobs=2))
+    assert [c.token_ids for c in outs] == with_screen[None] and len(screened) == n_screened
+    monkeypatch.setattr(engine_mod, "greedy_head", lambda model: None)  # the full fp32 head everywhere
+    for spec in (None, "mtp"):
+        eng = Engine(m, block_size=4, eos_token_id=None, speculative=spec, max_num_seqs=2)
+        assert [c.token_ids for c in eng.generate(prompts, greedy(20))] == with_screen[spec]
+    assert len(screened) == n_screened
