@@ -114,9 +114,9 @@ def test_parallel_checkpoint_cannot_resume(ep2, corpus, capsys):
     assert "parallel run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, text", [("--pp", "pipeline parallel training via dsv3 train is not supported"),
-                                        ("--tp", "inference only")])
-def test_train_rejects_pp_tp(corpus, tmp_path, capsys, flag, text):
+# --pp outside torchrun is refused before any work (the pipeline runs themselves: test_pipeline_train.py)
+@pytest.mark.parametrize("flag, text", [("--pp", "launch it under torchrun"), ("--tp", "inference only")])
+def test_train_rejects_pp_outside_torchrun_and_tp(corpus, tmp_path, capsys, flag, text):
     assert main(train_args(corpus, tmp_path / "run", tmp_path / "cache", flag, "2")) == 2
     assert text in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -51,8 +51,11 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (inference only): heads, FFN columns, vocabulary, experts split")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    g.add_argument("--dp-mode", choices=("fsdp", "replicate"), default="fsdp",
-                   help="fsdp: FSDP2 fully_shard of the parameters; replicate: full copies, gradients all-reduced")
+    # default None (= fsdp) so that a command can tell an explicit --dp-mode from the default
+    # (dsv3 train --pp refuses an explicit fsdp: its stages are always replicated over dp)
+    g.add_argument("--dp-mode", choices=("fsdp", "replicate"), default=None,
+                   help="fsdp (default): FSDP2 fully_shard of the parameters; replicate: full copies, gradients "
+                        "all-reduced (the only mode under --pp)")
     g.add_argument("--fp8-dispatch", action="store_true",
                    help="send MoE dispatch activations as E4M3 1x128 tiles (combine stays in the activation dtype)")
     g.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
@@ -76,6 +79,7 @@ class ParallelContext:
     groups: dict = field(default_factory=dict)  # "tp" | "ep" | "dp" | "dense" | "pp" -> ProcessGroup
     fp8_dispatch: bool = False
     dp_mode: str = "fsdp"
+    pp_schedule: str = "1f1b"  # dsv3.parallel.schedules.KINDS (dsv3 train --pp-schedule)
     model: torch.nn.Module | None = None
     data_parallel: object = None
 
@@ -202,13 +206,15 @@ def build_groups(ctx: ParallelContext) -> None:
 
 
 def init_parallel(args=None, *, dp=None, ep=1, tp=1, pp=1, fp8_dispatch=False, dp_mode="fsdp",
-                  backend="auto") -> ParallelContext:
+                  backend="auto", pp_schedule="1f1b") -> ParallelContext:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), initialises the
     default process group if needed and builds the sub-groups."""
     if args is not None:
         dp, ep, tp, pp = args.dp, args.ep, args.tp, args.pp
         fp8_dispatch, dp_mode = args.fp8_dispatch, args.dp_mode
         backend = getattr(args, "dist_backend", "auto")
+        pp_schedule = getattr(args, "pp_schedule", None) or "1f1b"
+    dp_mode = dp_mode or "fsdp"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -233,7 +239,8 @@ def init_parallel(args=None, *, dp=None, ep=1, tp=1, pp=1, fp8_dispatch=False, d
     if use_cuda:
         torch.cuda.set_device(device)
     ctx = ParallelContext(rank=rank, world=world, local_rank=local_rank, device=device,
-                          sizes=dict(pp=pp, dp=dp, ep=ep, tp=tp), fp8_dispatch=fp8_dispatch, dp_mode=dp_mode)
+                          sizes=dict(pp=pp, dp=dp, ep=ep, tp=tp), fp8_dispatch=fp8_dispatch, dp_mode=dp_mode,
+                          pp_schedule=pp_schedule)
     r = rank
     for a in reversed(AXES):
         ctx.coords[a] = r % ctx.sizes[a]

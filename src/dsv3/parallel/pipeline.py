@@ -15,7 +15,9 @@ op does both in one pass. Generic modules give no access to the weight-gradient 
 a W op re-walks the stage's autograd graph from its output: correct and order-preserving, but it
 costs about a full backward (the schedule's timing model assumes W < B; see docs/pipeline.md).
 
-Not covered: MTP modules (ignored by `split_transformer`), tied embeddings across stages,
+Training with MTP, the balance losses and the rest of the recipe is dsv3.train.pipeline_train
+(`dsv3 train --pp`), which builds its own stages on top of this runtime. Not covered here: MTP
+modules (ignored by `split_transformer`), tied embeddings across stages,
 forward-only (inference) steps, and overlapping the computation of an F&B pair (the pair runs
 forward then backward, as DeepSeek's DualPipe does without a custom overlapped_forward_backward).
 Tested on gloo only: receives are posted early and sends waited for at the end of the step, which
@@ -127,11 +129,16 @@ class Pipeline:
     p2p_shape / p2p_dtype: shape and dtype of every activation (and its gradient) sent between
     stages, as DualPipe's set_p2p_tensor_shapes: receives are posted before the data exists.
     loss_fn(output, target) -> scalar, computed on the last stage of each micro-batch.
-    group: the pipeline process group (default: the whole world); ranks are group ranks."""
+    group: the pipeline process group (default: the whole world); ranks are group ranks.
+    sync_mirrors: DualPipe only. True (default): `step` sums the gradients of the two copies of each
+    stage at its end (`sync_mirror_grads`). False: each copy keeps the gradient of the micro-batches
+    it ran, for a caller that reduces shared parameters itself (dsv3.train.pipeline_train sums every
+    parameter over all the ranks holding it, the DualPipe copies and the embedding the last stage's
+    MTP shares with the first stage alike)."""
 
     def __init__(self, kind: str, chunks: Sequence[nn.Module], *, loss_fn: Callable, p2p_shape: Sequence[int],
                  p2p_dtype: torch.dtype = torch.float32, group: dist.ProcessGroup | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, sync_mirrors: bool = True):
         if not dist.is_initialized():
             raise ValueError("Pipeline needs torch.distributed to be initialised (init_process_group)")
         self.kind = kind
@@ -148,6 +155,7 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else next(
             (p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         self._schedules: dict[int, list[Op]] = {}
+        self.sync_mirrors = sync_mirrors
 
     # -- helpers
     def _global(self, rank: int) -> int:
@@ -171,7 +179,7 @@ class Pipeline:
         (both lists may be passed everywhere). Each micro-batch's loss is back-propagated with
         weight `loss_scale` (1/M gives the mean). Returns {micro-batch: loss} for the micro-batches
         whose loss this rank computed. For DualPipe the two copies of each stage get their summed
-        gradient at the end (`sync_mirror_grads`)."""
+        gradient at the end (`sync_mirror_grads`) unless the pipeline was built with sync_mirrors=False."""
         layout = Layout(self.kind, self.pp, micro_batches)
         ops = self.schedule(micro_batches)
         entering = [m for m in range(micro_batches) if layout.entry_rank(m) == self.rank]
@@ -183,7 +191,8 @@ class Pipeline:
             raise ValueError(f"pipeline rank {self.rank} computes the loss of micro-batches {leaving}: pass "
                              f"targets, one per micro-batch ({micro_batches})")
 
-        if self.kind == "dualpipe":
+        mirror = self.kind == "dualpipe" and self.sync_mirrors
+        if mirror:
             # The mirror exchange at the end must only sum this step's gradients: set the ones
             # accumulated so far aside (they are already equal on both copies) and add them back.
             before = [[p.grad for p in self._params(c)] for c in range(2)]
@@ -294,7 +303,7 @@ class Pipeline:
         for work, _ in sends:
             work.wait()
         assert not recvs and not x_of and not y_of and not g_of and not gin_of, "schedule left work behind"
-        if self.kind == "dualpipe":
+        if mirror:
             self.sync_mirror_grads(tag_base=2 * layout.n_stages * micro_batches)
             for c in range(2):
                 for p, old in zip(self._params(c), before[c]):

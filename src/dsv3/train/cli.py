@@ -61,7 +61,7 @@ FIXED_ON_RESUME = (
     "init_std", "dtype", "weight_decay", "grad_clip", "compile", "fp8",
 )
 # torchrun layout flags (dsv3.parallel.dist.add_parallel_arguments): not part of the run's options
-PARALLEL_FLAGS = ("dp", "ep", "tp", "pp", "dp_mode", "fp8_dispatch", "dist_backend")
+PARALLEL_FLAGS = ("dp", "ep", "tp", "pp", "pp_schedule", "dp_mode", "fp8_dispatch", "dist_backend")
 TRAIN_FIELDS = (
     "steps", "seed", "batch_size", "batch_size_start", "micro_batch_size", "seq_len", "lr", "warmup_steps",
     "balance", "gamma", "gamma_stop_at", "seq_alpha", "aux_alpha", "mtp_lambda", "mtp_switch_at", "init_std",
@@ -131,6 +131,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     # under torchrun: `torchrun --nproc-per-node 2 -m dsv3 train ... --ep 2` (docs/parallel.md)
     add_parallel_arguments(p)
+    from dsv3.train.pipeline_train import add_pipeline_arguments
+
+    add_pipeline_arguments(p)  # --pp-schedule (dsv3.train.pipeline_train)
     e = p.add_argument_group("evaluation, checkpoints, samples")
     e.add_argument("--eval-every", type=int, help="validate every N steps (default: --steps / 10)")
     e.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default 0: all)")
@@ -344,7 +347,6 @@ def run(args) -> int:
     from dsv3.infer.generate import generate
     from dsv3.train import checkpointing as ck
     from dsv3.train.data import corpus_files, load_corpus
-    from dsv3.train.trainer import Trainer
 
     # ---- 1. everything checkable without work ----
     opts, ckpt = _resolve(args)
@@ -359,7 +361,11 @@ def run(args) -> int:
     if opts["stop_after"] is not None and ckpt is None and opts["stop_after"] > tcfg.steps:
         raise ValueError(f"--stop-after {opts['stop_after']} is more than --steps {tcfg.steps}")
     prepare = _fp8_prepare() if opts.get("fp8") else None
-    ctx = _parallel_context(args, ckpt)
+    ctx = _parallel_context(args, ckpt, tcfg, model_cfg, prepare)
+    if ctx.size("pp") > 1:
+        from dsv3.train.pipeline_train import PipelineTrainer as Trainer  # same interface, stages over pp ranks
+    else:
+        from dsv3.train.trainer import Trainer
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not ctx.is_main:
@@ -396,13 +402,14 @@ def _fp8_prepare():
     return apply_fp8_training
 
 
-def _parallel_context(args, ckpt):
+def _parallel_context(args, ckpt, tcfg, model_cfg, prepare):
     """The torchrun process groups (a single-process no-op under plain python)."""
     from dsv3.parallel.dist import init_parallel
+    from dsv3.train.pipeline_train import check_pipeline_options
 
+    check_pipeline_options(args, tcfg, model_cfg, fp8=prepare is not None)  # --pp: every check before any work
     if args.pp != 1:
-        raise ValueError("--pp: pipeline parallel training via dsv3 train is not supported yet; use "
-                         "dsv3.parallel.pipeline (1F1B / DualPipe / DualPipeV schedules) from Python")
+        return init_parallel(args)  # pipeline checkpoints hold the optimizer state: --resume works
     if args.tp != 1:
         raise ValueError("--tp: tensor parallelism is for inference only (the paper trains without TP); "
                          "use --dp/--ep for dsv3 train")
