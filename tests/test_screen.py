@@ -84,6 +84,20 @@ def test_only_fp32_cpu_heads_above_the_size_threshold_are_screened():
         GreedyHead(torch.zeros(8, 8, dtype=torch.float16))
 
 
+def test_no_screen_for_a_tensor_parallel_head():
+    from dsv3.parallel.tensor import VocabParallelHead
+
+    m = tiny_model(0)
+    screen.MIN_ELEMENTS, old = 0, screen.MIN_ELEMENTS
+    try:
+        assert screen.greedy_head(m) is not None
+        shard = m.head.weight.detach()[: m.config.vocab_size // 2].clone()
+        m.head = VocabParallelHead(shard, None)
+        assert screen.greedy_head(m) is None
+    finally:
+        screen.MIN_ELEMENTS = old
+
+
 def test_rebuilt_when_the_head_changes():
     m = tiny_model(0)
     screen.MIN_ELEMENTS, old = 0, screen.MIN_ELEMENTS

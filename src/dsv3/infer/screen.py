@@ -176,7 +176,12 @@ def _quiet():
 def greedy_head(model) -> GreedyHead | None:
     """The model's GreedyHead for its output head, built once and rebuilt when the weight changes;
     None where the screen does not apply (non-fp32 or non-CPU head, small vocabulary, no engine)."""
-    w = model.head.weight
+    head = model.head
+    # only a plain, whole head: a tensor-parallel head (dsv3.parallel.tensor) holds one vocabulary
+    # shard and gathers logits across ranks, so an argmax of its local weight would be wrong
+    if type(head) is not torch.nn.Linear or head.weight.shape[0] != model.config.vocab_size:
+        return None
+    w = head.weight
     if not GreedyHead.supported(w):
         return None
     gh = model.__dict__.get("_greedy_head")
