@@ -84,6 +84,16 @@ def test_grouped_moe_equals_loop_forward_and_backward():
     assert (outs["grouped"] - outs["loop"]).abs().max() < 1e-5
     for a, b in zip(grads["grouped"], grads["loop"]):
         assert (a - b).abs().max() < 1e-5
+    # the per-pair decode path (inference, few tokens) against the loop twin, and what auto picks
+    with torch.no_grad():
+        for T in (1, 2, 5):
+            xt = x.reshape(-1, cfg.hidden_size)[:T]
+            moe.impl = "loop"
+            want = moe(xt)
+            moe.impl = "pairs"
+            assert (moe(xt) - want).abs().max() < 1e-5
+            moe.impl = "auto"
+            assert (moe(xt) - want).abs().max() < 1e-5
 
 
 def test_gate_follows_the_v3_rule():

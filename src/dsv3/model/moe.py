@@ -11,6 +11,10 @@ from torch import nn
 from dsv3.config import ModelConfig
 
 
+# "auto" runs the routed experts pair by pair (Experts.forward_pairs) for this many tokens or fewer
+PAIRS_MAX_TOKENS = 2
+
+
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
 
@@ -119,6 +123,21 @@ class Experts(nn.Module):
         return out
 
 
+    def forward_pairs(self, x, weights, idx):
+        """Decode path for a few tokens without autograd: one matrix-vector product per (token, expert)
+        pair on views of the stacked weights. The loop twin's sort, gathers and index_add cost more
+        than the products themselves when a step has one or two tokens."""
+        out = torch.empty_like(x)
+        for t, (ws, es) in enumerate(zip(weights.tolist(), idx.tolist())):
+            xt = x[t]
+            acc = None
+            for w, e in zip(ws, es):
+                y = torch.mv(self.w2[e], F.silu(torch.mv(self.w1[e], xt)) * torch.mv(self.w3[e], xt))
+                acc = y.mul_(w) if acc is None else acc.add_(y, alpha=w)
+            out[t] = acc
+        return out
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,7 +149,8 @@ class MoE(nn.Module):
             if cfg.n_shared_experts else None
         # "auto": grouped GEMMs when many (token, expert) pairs, else a loop over just the chosen
         # experts (decode: grouped_mm's CPU path visits every expert, even empty ones);
-        # "grouped" / "loop" force one path (the twins the tests tie together).
+        # "grouped" / "loop" force one path (the twins the tests tie together); "pairs" is the
+        # per-pair decode path auto takes for at most PAIRS_MAX_TOKENS tokens without autograd.
         self.impl = "auto"
         # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
         # statistics and losses of training / the engine's expert-load counters.
@@ -154,6 +174,10 @@ class MoE(nn.Module):
         that expert / tensor parallelism (dsv3.parallel) replace."""
         impl = self.impl
         if impl == "auto":
-            impl = "grouped" if idx.numel() >= self.n_experts else "loop"
-        routed = self.experts.forward_grouped if impl == "grouped" else self.experts.forward_loop
-        return routed(x, weights, idx)
+            # (other expert implementations, e.g. FP8-resident ones, bring grouped and loop only)
+            if x.shape[0] <= PAIRS_MAX_TOKENS and not (torch.is_grad_enabled() and x.requires_grad) \
+                    and hasattr(self.experts, "forward_pairs"):
+                impl = "pairs"
+            else:
+                impl = "grouped" if idx.numel() >= self.n_experts else "loop"
+        return getattr(self.experts, f"forward_{impl}")(x, weights, idx)
