@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,11 +100,17 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     p.add_argument("--no-offline", action="store_true",
                    help="skip the reference: the same load through Engine.generate, without HTTP")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over all levels (interleaved: round 1 runs every level, then round 2, ...); "
+                        "figures are the medians over rounds")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     from dsv3.serve.bench import benchmark, format_table
 
+    levels = [int(x) for x in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else build_folder(args.preset, Path(tmp) / args.preset)
         port = free_port()
@@ -119,27 +123,22 @@ def main(argv=None):
         server = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit("the server exited during start-up")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not start within 10 minutes")
-                time.sleep(0.5)
-            levels = [int(x) for x in args.concurrency.split(",")]
+            wait_ready(server, url)
             reference = None if args.no_offline else OfflineReference(folder, args)
             t0 = time.perf_counter()
-            rows, offline = [], {}
-            for c in levels:  # interleaved: the machine's load drifts, the ratio should not
-                rows += benchmark(url, [c], args.num_prompts, args.input_len, args.output_len)
-                if reference is not None:
-                    offline[c] = reference(c)
-                    print(f"  offline (no HTTP): {offline[c]:.1f} output tok/s", flush=True)
+            rounds = []   # per round: {concurrency: (server row, offline tok/s or None)}
+            for r in range(args.repeat):
+                if args.repeat > 1:
+                    print(f"round {r + 1}/{args.repeat}", flush=True)
+                got = {}
+                for c in levels:  # interleaved: the machine's load drifts, the ratio should not
+                    row = benchmark(url, [c], args.num_prompts, args.input_len, args.output_len)[0]
+                    off = None
+                    if reference is not None:
+                        off = reference(c)
+                        print(f"  offline (no HTTP): {off:.1f} output tok/s", flush=True)
+                    got[c] = (row, off)
+                rounds.append(got)
             took = time.perf_counter() - t0
         finally:
             server.send_signal(signal.SIGTERM)
@@ -149,26 +148,68 @@ def main(argv=None):
                 server.kill()
     name = args.model or f"preset {args.preset} (random weights)"
     print(f"\n{name}, dtype {args.dtype}, input {args.input_len} / output {args.output_len} tokens, "
-          f"{os.cpu_count()} CPUs, {took:.0f} s\n")
-    print(format_table(rows))
-    if offline:
-        print("\nthe same load without HTTP (Engine.generate, max_num_seqs = concurrency), run right after each "
-              "level:")
-        for s in rows:
-            o = offline[s["concurrency"]]
-            print(f"  concurrency {s['concurrency']}: offline {o:.1f} output tok/s; server / offline = "
-                  f"{s['output_throughput'] / o:.2f}")
-    by_c = {s["concurrency"]: s for s in rows}
-    if 1 in by_c and by_c[1]["output_throughput"] > 0:
-        for c, s in by_c.items():
-            if c != 1:
-                print(f"aggregate output tok/s, concurrency {c} / concurrency 1: "
-                      f"{s['output_throughput'] / by_c[1]['output_throughput']:.2f}x" + (
-                          "  (target >= 6x)" if c == 16 else ""))
+          f"{os.cpu_count()} CPUs, {args.repeat} round(s), {took:.0f} s\n")
+    # the round whose concurrency-16 (else last level) throughput is the median one, as a full table
+    key = 16 if 16 in levels else levels[-1]
+    order = sorted(range(len(rounds)), key=lambda i: rounds[i][key][0]["output_throughput"])
+    mid = order[len(order) // 2]
+    print(format_table([rounds[mid][c][0] for c in levels]) + (
+        f"\n(round {mid + 1}: the median round by output tok/s at concurrency {key})" if len(rounds) > 1 else ""))
+    srv = {c: [g[c][0]["output_throughput"] for g in rounds] for c in levels}
+    off = {c: [g[c][1] for g in rounds] for c in levels} if reference is not None else {}
+    print("\noutput tok/s per level" + (", median over rounds (each round's figures in brackets)"
+                                       if len(rounds) > 1 else "") + ":")
+    for c in levels:
+        line = f"  concurrency {c}: server {_fmt(srv[c])}"
+        if off:
+            line += (f"; the same load through Engine.generate without HTTP (run right after it) {_fmt(off[c])}; "
+                     f"server / engine {_fmt([a / b for a, b in zip(srv[c], off[c])], 2)}")
+        print(line)
+    if 1 in levels:
+        for c in levels:
+            if c == 1:
+                continue
+            line = (f"aggregate output tok/s, concurrency {c} / concurrency 1: server "
+                    f"{_fmt([a / b for a, b in zip(srv[c], srv[1])], 2, 'x')}")
+            if off:
+                line += f"; engine alone {_fmt([a / b for a, b in zip(off[c], off[1])], 2, 'x')}"
+            print(line + ("  (target >= 6x)" if c == 16 else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": name, "args": vars(args), "results": rows,
-                                               "offline_output_throughput": offline}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "model": name, "args": vars(args),
+            "rounds": [[dict(g[c][0], offline_output_throughput=g[c][1]) for c in levels] for g in rounds]},
+            indent=2))
     return 0
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _fmt(xs, digits=1, unit=""):
+    m = f"{_median(xs):.{digits}f}{unit}"
+    return m if len(xs) == 1 else m + " [" + ", ".join(f"{x:.{digits}f}" for x in xs) + "]"
+
+
+def wait_ready(server, url: str, timeout: float = 600):
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

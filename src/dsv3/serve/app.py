@@ -7,7 +7,8 @@ and gets each step's output back through an asyncio.Queue: the engine's per-requ
 callback collects the step's outputs, and one `loop.call_soon_threadsafe` per step delivers them.
 Text work that decides when a request stops (incremental detokenization, stop strings, tool-call
 parsing) runs in the engine thread inside the `stop_checker` hook, so a stop string ends
-generation at the token that completes it.
+generation at the token that completes it. Before a step that would run prompts only, the engine
+thread waits briefly for the rest of a burst of arrivals (AsyncEngine: arrival coalescing).
 
 Cancellation: a client that disconnects (mid-stream, or while waiting for a non-streamed answer)
 aborts its engine requests, whose cache blocks the engine frees at its next step.
@@ -172,10 +173,26 @@ class Choice:
 
 
 class AsyncEngine:
-    """Runs the engine in a background thread and connects it to asyncio handlers."""
+    """Runs the engine in a background thread and connects it to asyncio handlers.
 
-    def __init__(self, engine):
+    Arrival coalescing (`batch_wait`): the engine runs prompt chunks of equal length as one batched
+    forward, so a burst of requests is cheapest when it is admitted together. A burst reaches the
+    server spread over milliseconds (each request is parsed and validated in turn), and a busy engine
+    thread would start on its first few requests, leaving the rest for the next step: two forwards
+    instead of one, and two cohorts that then finish a step apart, so closed-loop clients (a chat UI,
+    an agent, a benchmark at fixed concurrency) send their next requests apart too and the split
+    repeats for as long as the load lasts. So before a step that would only run prompts (nothing is
+    decoding, so nobody's tokens wait for it) the engine thread waits for the burst to end: until as
+    many requests are waiting as finished since the previous such step (the batch that just ended,
+    whose clients are replacing it), or until no request arrived for `batch_wait` seconds, and never
+    longer than 4 x batch_wait. It never waits while requests decode, nor when one request replaces
+    one (concurrency 1: the count is reached at once); a lone request after a larger batch ended
+    waits batch_wait. (vLLM's V0 scheduler had a related knob, --scheduler-delay-factor, which
+    delays prompts while others decode; this one acts only when nothing decodes.)"""
+
+    def __init__(self, engine, batch_wait: float = 0.02):
         self.engine = engine
+        self.batch_wait = batch_wait
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: dict[str, tuple] = {}   # request id -> (loop, queue, choice index)
@@ -185,6 +202,10 @@ class AsyncEngine:
         # wake-up per loop and step instead of one per request (each costs a syscall and GIL hand-offs)
         self._outbox: dict = {}
         self._wake = threading.Event()
+        self._last_add = 0.0            # time.monotonic() of the latest add (under _lock)
+        self._finished_since_gather = 0  # engine thread: requests finished since the last prompt-only step
+        self.gather_waits = 0           # prompt-only steps that waited for a burst, and the time spent
+        self.gather_time = 0.0
 
     @property
     def alive(self) -> bool:
@@ -209,6 +230,8 @@ class AsyncEngine:
             try:
                 self._wake.clear()
                 if self.engine.has_unfinished():
+                    if not self.engine.running:
+                        self._gather()
                     self.engine.step()
                     self._flush()
                 else:
@@ -225,6 +248,28 @@ class AsyncEngine:
                     self._post(loop, q, Delta(index, finished=True, finish_reason=ABORT, error=err))
                     self.engine.abort(rid)
                 self._flush()
+
+    def _gather(self):  # engine thread, before a step with nothing running: see the class notes
+        target = min(self._finished_since_gather, self.engine.max_num_seqs)
+        self._finished_since_gather = 0
+        if self.batch_wait <= 0:
+            return
+        start = time.monotonic()
+        waited = False
+        while not self._stop.is_set():
+            self._wake.clear()  # before counting: an add after the count sets it again
+            with self._lock:
+                # nothing is running, so every live request is a new one (waiting or in the inbox)
+                n, last = len(self._live), self._last_add
+            now = time.monotonic()
+            left = min(start + 4 * self.batch_wait, max(start, last) + self.batch_wait) - now
+            if n >= target or left <= 0:
+                break
+            waited = True
+            self._wake.wait(left)
+        if waited:
+            self.gather_waits += 1
+            self.gather_time += time.monotonic() - start
 
     def _post(self, loop, q, item):  # engine thread
         self._outbox.setdefault(loop, []).append((q, item))
@@ -250,6 +295,7 @@ class AsyncEngine:
                 if not out.finished:
                     self.engine.abort(rid)
             if d.finished:
+                self._finished_since_gather += 1
                 with self._lock:
                     self._live.pop(rid, None)
             self._post(loop, q, d)
@@ -262,6 +308,8 @@ class AsyncEngine:
             with self._lock:
                 self._live.pop(rid, None)
             raise
+        with self._lock:
+            self._last_add = time.monotonic()
         self._wake.set()
 
     def abort(self, rid: str):
@@ -318,11 +366,11 @@ async def _wait_disconnect(request: Request):
 # ====================================================================== the server
 class Server:
     def __init__(self, engine, tokenizer: Tokenizer, model_names: list[str], root: str = "",
-                 api_key: str | None = None):
+                 api_key: str | None = None, batch_wait: float = 0.02):
         if not model_names:
             raise ValueError("at least one served model name is needed")
         self.engine, self.tok = engine, tokenizer
-        self.aengine = AsyncEngine(engine)
+        self.aengine = AsyncEngine(engine, batch_wait)
         self.model_names = list(model_names)
         self.root = root or model_names[0]
         self.api_key = api_key
@@ -886,6 +934,10 @@ def configure(p: argparse.ArgumentParser):
                    help="tokens per engine step (prefill chunk budget)")
     p.add_argument("--cache-memory-mb", type=int, default=None,
                    help="latent cache budget in MiB (default: 512 MiB, at least one full-length sequence)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="before a step that would only run prompts, wait up to this long after the latest arrival "
+                        "for the rest of a burst of requests, so their prompts run as one batch (0: never wait; "
+                        "never waits while requests decode)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     p.add_argument("--speculative", choices=["mtp"], default=None,
@@ -929,8 +981,9 @@ def build_server(args) -> Server:
         raise ValueError(f"--model {args.model!r} has no tokenizer.json: the server needs the model's tokenizer")
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                         ("--block-size", args.block_size, 1),
-                        ("--max-num-batched-tokens", args.max_num_batched_tokens, 2)):
-        if v < lo:
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens, 2),
+                        ("--batch-wait-ms", args.batch_wait_ms, 0)):
+        if not v >= lo:  # (also refuses NaN)
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
@@ -947,7 +1000,8 @@ def build_server(args) -> Server:
                     max_model_len=args.max_model_len, max_queue=args.max_queue,
                     enable_prefix_cache=not args.no_prefix_cache, speculative=args.speculative, seed=args.seed)
     names = args.served_model_name or [path.resolve().name]
-    return Server(engine, tok, names, root=str(path), api_key=args.api_key or None)
+    return Server(engine, tok, names, root=str(path), api_key=args.api_key or None,
+                  batch_wait=args.batch_wait_ms / 1000)
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info", shutdown_timeout: float | None = None):

@@ -68,20 +68,21 @@ def summarize(results: list[RequestResult], duration: float, concurrency: int) -
     return s
 
 
-async def one_request(client, url: str, body: dict, headers: dict) -> RequestResult:
+async def one_request(session, url: str, body: dict, headers: dict) -> RequestResult:
     res = RequestResult(ok=False)
     st = time.perf_counter()
     last = st
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+        async with session.post(url, json=body, headers=headers) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:300]}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in r.content:  # one SSE line at a time
+                line = raw.strip()
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 msg = json.loads(data)
                 if "error" in msg:
@@ -108,17 +109,20 @@ async def one_request(client, url: str, body: dict, headers: dict) -> RequestRes
 
 async def run_level(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
                     headers: dict, timeout: float) -> dict:
-    import httpx
+    # aiohttp, as vLLM's bench serve: the client shares the machine with the server here, and
+    # httpx's streaming costs several times more CPU per chunk (it slowed the server it measured)
+    import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    conn = aiohttp.TCPConnector(limit=concurrency + 4, force_close=False)
+    # SSE lines longer than aiohttp's default 64 KiB read limit (big logprobs) must not fail the request
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout),
+                                     read_bufsize=1 << 20) as session:
         async def go(p):
             body = {"model": model, "prompt": p, "max_tokens": output_len, "temperature": 0, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             async with sem:
-                return await one_request(client, url, body, headers)
+                return await one_request(session, url, body, headers)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*[go(p) for p in prompts])
@@ -139,19 +143,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _server_info(base: str, headers: dict, model: str | None) -> tuple[str, int]:
-    import httpx
+def _get_json(url: str, headers: dict) -> tuple[int, object]:
+    import urllib.error
+    import urllib.request
 
-    r = httpx.get(base + "/v1/models", headers=headers, timeout=30)
-    if r.status_code != 200:
-        raise ValueError(f"GET {base}/v1/models answered {r.status_code}: {r.text[:200]}")
-    models = [m["id"] for m in r.json()["data"]]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _server_info(base: str, headers: dict, model: str | None) -> tuple[str, int]:
+    status, body = _get_json(base + "/v1/models", headers)
+    if status != 200:
+        raise ValueError(f"GET {base}/v1/models answered {status}: {str(body)[:200]}")
+    models = [m["id"] for m in body["data"]]
     if model is None:
         model = models[0]
     vocab = None
-    info = httpx.get(base + "/tokenizer_info", headers=headers, timeout=30)
-    if info.status_code == 200:
-        vocab = info.json().get("vocab_size")
+    status, info = _get_json(base + "/tokenizer_info", headers)
+    if status == 200:
+        vocab = info.get("vocab_size")
     return model, vocab
 
 
