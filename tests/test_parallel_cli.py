@@ -1,5 +1,5 @@
-"""The commands under torchrun (issue 7): `dsv3 train --ep 2` and `dsv3 generate --tp 2` on 2 gloo
-processes give what one process gives; the flags that are not supported say so; `dsv3 train --fp8`;
+"""The commands under torchrun (issue 7): `dsv3 train --ep 2`, `dsv3 generate --tp 2` and
+`dsv3 serve --tp 2` on 2 gloo processes give what one process gives; the flags that are not supported say so; `dsv3 train --fp8`;
 `dsv3 eplb --loads RUN` on the loads a training run recorded."""
 import json
 import os
@@ -132,10 +132,64 @@ def test_generate_tp2_equals_one_process(single, capsys):
     assert two == one  # rank 0 prints, the other rank is silent
 
 
-def test_serve_rejects_parallel_flags(single, capsys):
-    for flag in ("--tp", "--ep"):
-        assert main(["serve", "--model", str(single / "latest"), flag, "2"]) == 2
-        assert f"{flag} 2: parallel serving is not supported" in capsys.readouterr().err
+def test_serve_parallel_flags_are_checked(single, capsys):
+    for args, text in ((["--tp", "2"], "--tp 2: launch it under torchrun with 2 processes"),
+                       (["--pp", "2"], "pipeline-parallel serving is not supported"),
+                       (["--dp", "2"], "data-parallel serving is not supported")):
+        assert main(["serve", "--model", str(single / "latest"), *args]) == 2
+        assert text in capsys.readouterr().err
+
+
+def test_serve_tp2_under_torchrun_answers_like_one_process(single):
+    """`torchrun --nproc-per-node 2 -m dsv3 serve --tp 2`: rank 0 serves HTTP, rank 1 replays its
+    forwards (dsv3.infer.lockstep); completions equal a single-process engine's tokens."""
+    import signal
+    import time
+    import urllib.request
+
+    from dsv3.infer.engine import Engine
+    from dsv3.infer.params import SamplingParams
+    from dsv3.tokenizer import Tokenizer
+
+    model_dir = single / "latest"
+    prompts = [[5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    model = dsv3.load_model(model_dir, dtype=torch.float32).eval()
+    want = [c.token_ids for c in Engine(model, eos_token_id=None).generate(
+        prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))]
+    tok = Tokenizer.from_dir(model_dir)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
+           "--tp", "2", "--dist-backend", "gloo", "--threads", "1", "--log-level", "warning",
+           "--served-model-name", "m"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        for p, w in zip(prompts, want):
+            body = json.dumps({"model": "m", "prompt": p, "max_tokens": 10, "temperature": 0,
+                               "ignore_eos": True}).encode()
+            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got = json.loads(r.read())["choices"][0]["text"]
+            assert got == tok.decode(w)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_train_fp8(single, corpus, tmp_path):

@@ -951,27 +951,22 @@ def configure(p: argparse.ArgumentParser):
                    help="seconds SIGTERM waits for in-flight requests before cancelling them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
-    # Parallel serving would need every rank to replay rank 0's engine schedule (each TP/EP layer is a
-    # collective); until that exists the flags are refused instead of silently serving one rank.
-    for flag in ("dp", "ep", "tp", "pp"):
-        p.add_argument(f"--{flag}", type=int, default=1,
-                       help="not supported by dsv3 serve yet (1 only); use dsv3 generate for --tp/--ep")
+    from dsv3.parallel.dist import add_parallel_arguments
+
+    # `torchrun --nproc-per-node N -m dsv3 serve ... --tp N` (or --ep N): rank 0 runs the engine and the
+    # server, the other ranks replay its forwards (dsv3.infer.lockstep); --dp/--pp are refused
+    add_parallel_arguments(p)
 
 
-def build_server(args) -> Server:
+def build_server(args, model=None) -> Server:
+    """model: rank 0's lockstep proxy under --tp/--ep (dsv3.infer.lockstep), else loaded here."""
     import torch
 
     import dsv3
     from dsv3.config import ModelConfig
+    from dsv3.infer import lockstep
     from dsv3.infer.engine import Engine
 
-    for flag in ("dp", "ep", "tp", "pp"):
-        if getattr(args, flag, 1) != 1:
-            raise ValueError(f"--{flag} {getattr(args, flag)}: parallel serving is not supported by dsv3 serve yet "
-                             f"(the engine's schedule is not replayed on the other ranks); run it on one process, or "
-                             f"use dsv3 generate --tp/--ep under torchrun")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("dsv3 serve runs as one process: do not launch it under torchrun")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model)
@@ -993,12 +988,15 @@ def build_server(args) -> Server:
     if args.speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative mtp: the model in {path} has no MTP layer")
     tok = Tokenizer.from_dir(path)
-    model = dsv3.load_model(path, dtype=dtype, device=args.device).eval()
+    if model is None:
+        model = dsv3.load_model(path, dtype=dtype, device=args.device).eval()
     engine = Engine(model, block_size=args.block_size,
                     cache_memory=None if args.cache_memory_mb is None else args.cache_memory_mb << 20,
                     max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_model_len=args.max_model_len, max_queue=args.max_queue,
                     enable_prefix_cache=not args.no_prefix_cache, speculative=args.speculative, seed=args.seed)
+    if isinstance(model, lockstep.LockstepModel):
+        lockstep.attach(engine)  # the other ranks build the same cache and follow this engine's forwards
     names = args.served_model_name or [path.resolve().name]
     return Server(engine, tok, names, root=str(path), api_key=args.api_key or None,
                   batch_wait=args.batch_wait_ms / 1000)
@@ -1024,8 +1022,16 @@ def make_uvicorn_server(app, host: str, port: int, log_level: str = "info", shut
 
 
 def run(args):
+    from dsv3.infer import lockstep
+
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    server = build_server(args)
+    if lockstep.check_serve_args(args):  # --tp N / --ep N under torchrun (ValueError for --dp/--pp)
+        return lockstep.serve_parallel(args, lambda model: _serve(args, model))
+    return _serve(args, None)
+
+
+def _serve(args, model):
+    server = build_server(args, model)
     app = create_app(server)
     uv = make_uvicorn_server(app, args.host, args.port, args.log_level, args.shutdown_timeout)
     # (uvicorn logs the address it listens on, the port the OS picked included)
