@@ -7,8 +7,11 @@
 throughput: one training step (forward, fp32 cross-entropy, backward, AdamW step) of the same
 model (the `demo` preset without MTP, fp32 CPU) on the same batch, dsv3 vs transformers'
 DeepseekV3ForCausalLM loaded from the same weights (save_model -> from_pretrained), runs
-interleaved, medians reported; the full dsv3 recipe step (MTP depth 1, aux-free balancing, clipping,
-schedules: `Trainer.train_step`) is listed for context.
+interleaved, medians reported. Before timing, the loss and the gradient norm of each dsv3 variant
+on the training path (autograd on) are printed against transformers'. Rows: dsv3 as `dsv3 train`
+runs it (fused chunked head + CE), the same with the plain full-logits CE, `--compile` (every block
+compiled whole); the full dsv3 recipe step (MTP depth 1, aux-free balancing, clipping, schedules:
+`Trainer.train_step`) is listed for context.
 
 balance: aux-free (the paper's gamma 1e-3, and a gamma scaled to the short budget) vs aux-loss vs
 none, same model, data, seed and steps on the bundled corpus; validation loss and bits per byte,
@@ -45,7 +48,7 @@ def throughput(args) -> None:
 
     import dsv3
     from dsv3.train.data import TokenDataset
-    from dsv3.train.trainer import Trainer, TrainConfig, compute_losses
+    from dsv3.train.trainer import Trainer, TrainConfig, compile_model, compute_losses
 
     B, S = args.batch, args.seq
     cfg = demo_config(args.vocab)
@@ -56,55 +59,74 @@ def throughput(args) -> None:
         ours = dsv3.load_model(tmp, dtype=torch.float32).train()
         theirs = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
     impl = getattr(theirs.config, "_experts_implementation", "?")
+    attn = getattr(theirs.config, "_attn_implementation", "?")
     windows = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = compute_losses(ours, windows, S).ce.item()
-        b = theirs(input_ids=windows, labels=windows).loss.item()
-    print(f"same weights, same batch: loss dsv3 {a:.6f}, transformers {b:.6f} (rel. diff {abs(a - b) / b:.1e})")
 
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    def copy_of(model):
+        m = dsv3.Transformer(cfg)
+        m.load_state_dict(model.state_dict())
+        return m.train()
 
-    def step_ours():
-        compute_losses(ours, windows, S).loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+    # dsv3 as `dsv3 train` runs it (fused chunked head + CE), the same with the plain full-logits
+    # CE (what the fused loss buys), and `--compile` (every block compiled whole).
+    variants = {"dsv3": (ours, {}), "dsv3, plain CE (F.cross_entropy on full logits)": (copy_of(ours), {"fused_loss": False})}
+    if not args.no_compile:
+        compiled = copy_of(ours)
+        compile_model(compiled)
+        variants["dsv3 --compile"] = (compiled, {})
+
+    def grad_norm(model):
+        return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+    # Same loss and gradients as transformers on the training path (autograd on), before any step.
+    want = theirs(input_ids=windows, labels=windows).loss
+    want.backward()
+    want, want_g = want.item(), grad_norm(theirs)
+    theirs.zero_grad(set_to_none=True)
+    print(f"same weights, same batch: transformers loss {want:.6f}, gradient norm {want_g:.6f}")
+    for name, (model, kw) in variants.items():
+        t = time.perf_counter()
+        out = compute_losses(model, windows, S, **kw)
+        out.loss.backward()
+        dt = time.perf_counter() - t
+        g = grad_norm(model)
+        model.zero_grad(set_to_none=True)
+        print(f"  {name}: loss {out.ce.item():.6f} (rel. diff {abs(out.ce.item() - want) / want:.1e}), gradient norm "
+              f"{g:.6f} (rel. diff {abs(g - want_g) / want_g:.1e}); first step {dt:.1f}s")
+
+    # The same optimizer for both models: torch's AdamW, by default its foreach implementation (what
+    # `dsv3 train` builds today), with --fused-adamw its fused kernel (transformers' Trainer default
+    # since torch 2.8).
+    adamw = dict(lr=1e-4, fused=True) if args.fused_adamw else dict(lr=1e-4)
+
+    def stepper(model, kw):
+        opt = torch.optim.AdamW(model.parameters(), **adamw)
+
+        def step():
+            compute_losses(model, windows, S, **kw).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), **adamw)
 
     def step_theirs():
         theirs(input_ids=windows, labels=windows).loss.backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    # The full recipe: MTP depth 1 + aux-free balancing + clipping + schedules, same model otherwise.
-    data = TokenDataset([np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000)])
-    trainer = Trainer(demo_config(args.vocab, mtp=1), TrainConfig(steps=1000, batch_size=B, seq_len=S), data)
-    fns = {"dsv3": step_ours, "transformers": step_theirs, "dsv3 full recipe (MTP + aux-free)": trainer.train_step}
-    if not args.no_compile:
-        # The same step with the dense parts torch.compile'd from outside (`dsv3 train --compile`).
-        from dsv3.train.trainer import compile_dense_parts
-
-        compiled = dsv3.Transformer(cfg)
-        compiled.load_state_dict(ours.state_dict())
-        compiled.train()
-        compile_dense_parts(compiled)
-        opt_c = torch.optim.AdamW(compiled.parameters(), lr=1e-4)
-
-        def step_compiled():
-            compute_losses(compiled, windows, S).loss.backward()
-            opt_c.step()
-            opt_c.zero_grad(set_to_none=True)
-
-        t = time.perf_counter()
-        c = compute_losses(compiled, windows, S)
-        c.loss.backward()
-        compiled.zero_grad(set_to_none=True)
-        print(f"torch.compile of the dense parts: first step {time.perf_counter() - t:.1f}s; loss {c.ce.item():.6f} "
-              f"vs eager {a:.6f} (rel. diff {abs(c.ce.item() - a) / a:.1e})")
-        fns["dsv3 --compile"] = step_compiled
-        trainer_c = Trainer(demo_config(args.vocab, mtp=1),
-                            TrainConfig(steps=1000, batch_size=B, seq_len=S, compile=True), data)
-        trainer_c.train_step()
-        fns["dsv3 --compile full recipe"] = trainer_c.train_step
+    fns = {"transformers": step_theirs}
+    fns.update({name: stepper(model, kw) for name, (model, kw) in variants.items()})
+    if not args.no_recipe:
+        # The full recipe: MTP depth 1 + aux-free balancing + clipping + schedules, same model otherwise.
+        data = TokenDataset([np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000)])
+        recipe = [("dsv3 full recipe (MTP + aux-free)", False)] + ([] if args.no_compile else
+                                                                   [("dsv3 --compile full recipe", True)])
+        for name, comp in recipe:
+            trainer = Trainer(demo_config(args.vocab, mtp=1),
+                              TrainConfig(steps=1000, batch_size=B, seq_len=S, compile=comp), data)
+            trainer.train_step()  # compiles
+            fns[name] = trainer.train_step
 
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
@@ -118,7 +140,8 @@ def throughput(args) -> None:
     n = cfg.num_params()
     print(f"\nmodel: demo preset, {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active), vocab "
           f"{cfg.vocab_size}; batch {B} x {S} tokens; fp32; {torch.get_num_threads()} thread(s); transformers "
-          f"experts implementation: {impl}; median of {args.runs} interleaved runs\n")
+          f"attention: {attn}, experts: {impl}; AdamW {'fused' if args.fused_adamw else 'foreach'}; median of "
+          f"{args.runs} interleaved runs\n")
     print("| step (fwd + bwd + AdamW) | median s | tokens/s | vs transformers |")
     print("|---|---|---|---|")
     for k in fns:
@@ -185,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (throughput)")
+    p.add_argument("--no-recipe", action="store_true", help="skip the full-recipe rows (throughput)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="fused AdamW for both models in the throughput rows (default: foreach, as dsv3 train)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

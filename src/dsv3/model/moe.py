@@ -11,6 +11,48 @@ from torch import nn
 from dsv3.config import ModelConfig
 
 
+# torch.compile support for the grouped GEMM: torch has no fp32 meta kernel for grouped_mm (its
+# fake-tensor rule accepts bf16 only), so a traced model graph-breaks around every routed expert.
+# This custom op runs the very same F.grouped_mm, and tells the compiler the output shape (fake
+# kernel) and the gradient (two more grouped GEMMs through the op itself, so the backward traces too).
+# Only compiled code uses it: eagerly, F.grouped_mm's own autograd is a little cheaper.
+@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N): rows grouped by offs
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # (K, M) x (M, N) -> (G, K, N)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    assert b.dim() == 3, "only the (M, K) x (G, K, N) form is differentiated"
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # grouped_mm needs real strides (an incoming gradient may be expanded)
+    # y_g = a_g b_g for each row group g: da_g = dy_g b_g^T, db_g = a_g^T dy_g (a grouped GEMM over M)
+    da = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    db = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return da, db, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm(a, b, offs=offs), traceable by torch.compile in every dtype."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(a, b, offs)
+    return F.grouped_mm(a, b, offs=offs)
+
+
 # "auto" runs the routed experts pair by pair (Experts.forward_pairs) for this many tokens or fewer
 PAIRS_MAX_TOKENS = 2
 
@@ -84,7 +126,10 @@ def dispatch(idx: torch.Tensor, n_experts: int):
     implementation (this one, FP8 inference, FP8 training) runs its GEMMs on that layout."""
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts)
+    # bincount's output length depends on the data (torch.compile would stop its graph here);
+    # a scatter-add into n_experts counters gives the same integers at a fixed shape.
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order // idx.shape[1], counts
 
 
 def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, order, token) -> torch.Tensor:
@@ -107,9 +152,8 @@ class Experts(nn.Module):
         order, token, counts = dispatch(idx, self.w1.shape[0])
         offs = counts.cumsum(0).to(torch.int32)
         xs = x[token]  # (T*K, D), grouped by expert
-        h = F.silu(F.grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)) * \
-            F.grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)
-        y = F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (T*K, D)
+        h = F.silu(grouped_mm(xs, self.w1.transpose(1, 2), offs)) * grouped_mm(xs, self.w3.transpose(1, 2), offs)
+        y = grouped_mm(h, self.w2.transpose(1, 2), offs)  # (T*K, D)
         return combine(x, y, weights, order, token)
 
     def forward_loop(self, x, weights, idx):

@@ -85,8 +85,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=list(DTYPES),
                    help="compute dtype: fp32, or bf16 parameters with fp32 master weights (default fp32)")
     g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the dense parts of the model for the training steps (needs a C++ compiler "
-                        "on CPU; micro-batches must then divide the batch sizes)")
+                   help="torch.compile every block (routed experts included), the MTP modules and the final norm "
+                        "for the training steps: ~1.2x faster steps after a first step that compiles (needs a "
+                        "C++ compiler on CPU; micro-batches must then divide the batch sizes)")
     g.add_argument("--deterministic", action="store_true",
                    help="torch deterministic algorithms (bitwise reproducible runs and resumes)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

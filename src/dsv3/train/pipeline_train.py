@@ -52,6 +52,7 @@ follow; the dp replicas hold full copies of their stage and all-reduce gradients
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -70,7 +71,7 @@ from dsv3.parallel.pipeline import Pipeline, local_chunks, stage_layers
 from dsv3.parallel.schedules import KINDS, Layout
 from dsv3.train.balance import bias_update, count_loads, expert_aux_loss, max_violation, sequence_balance_loss
 from dsv3.train.optim import batch_size_at, build_lr_scheduler, build_optimizer
-from dsv3.train.trainer import TrainConfig, Trainer
+from dsv3.train.trainer import TrainConfig, Trainer, lm_loss
 
 __all__ = ["PipelineTrainer", "TrainStage", "add_pipeline_arguments", "check_pipeline_options",
            "pipeline_micro_batch", "train_stage_layers"]
@@ -261,6 +262,8 @@ class TrainStage(nn.Module):
         # the model's own methods (bound: no parameters registered twice), so a stage computes
         # exactly what Transformer.hidden / logits / mtp_hidden compute
         self._prepare, self._logits, self._mtp_hidden = model._prepare, model.logits, model.mtp_hidden
+        # the single-process step's loss function (fused head + CE), so both compute the same numbers
+        self._lm_loss = functools.partial(lm_loss, model)
         row = {name: i for i, name in enumerate(moe_names)}
         self.moes = [(row[f"layers.{i}"], model.layers[i].ffn) for i in layers if isinstance(model.layers[i].ffn, MoE)]
         self.mtp_moes = [(row[f"mtp.{k}"], m.block.ffn) for k, m in enumerate(model.mtp)
@@ -290,15 +293,12 @@ class TrainStage(nn.Module):
         (+ the MTP blocks' balance terms), as compute_losses (paper eq. 24-25)."""
         mb, windows = target
         st = self.settings
-        S, D, V = st.seq_len, self.depth, self.vocab
-        ce = F.cross_entropy(self._logits(h).float().reshape(-1, V), windows[:, 1:S + 1].reshape(-1))
+        S, D = st.seq_len, self.depth
+        ce = self._lm_loss(h, windows[:, 1:S + 1])
         mtp = torch.zeros((), device=windows.device)
         if D > 0:
             hs = self._mtp_hidden(h, windows[:, :S + D], depths=D)
-            per_depth = [
-                F.cross_entropy(self._logits(hk).float().reshape(-1, V), windows[:, k + 1:k + 1 + S].reshape(-1))
-                for k, hk in enumerate(hs, 1)
-            ]
+            per_depth = [self._lm_loss(hk, windows[:, k + 1:k + 1 + S]) for k, hk in enumerate(hs, 1)]
             mtp = torch.stack(per_depth).mean()
         bal, vals, counts = _balance(self.mtp_moes, windows.shape[0], st, True)
         self.loss_records[mb] = (ce.detach(), mtp.detach(), vals, counts)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
-from dsv3.model.moe import MoE
+from dsv3.model.moe import Experts, MoE
 from dsv3.model.transformer import Transformer
 from dsv3.train.balance import (
     LoadTracker,
@@ -102,7 +102,7 @@ class TrainConfig:
     init_std: float | None = None  # None = default_init_std(hidden_size)
     dtype: str = "fp32"
     device: str = "cpu"
-    compile: bool = False  # torch.compile the dense parts of every block for the training steps
+    compile: bool = False  # torch.compile every block (routed experts included) for the training steps
 
     def resolved_warmup(self) -> int:
         if self.warmup_steps is not None:
@@ -174,6 +174,81 @@ def moe_layers(model: Transformer) -> list[tuple[str, MoE]]:
     return out
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_t CE(softmax(h_t W^T), y_t) and its gradients, a block of rows at a time.
+
+    The plain path materialises the (N, V) fp32 logits, their log-softmax, a zero-filled (N, V)
+    gradient of the NLL and the (N, V) gradient of the log-softmax: four passes over N * V floats
+    that do not fit in cache. Here each block of rows gets its logits, loss and logit gradient
+    (softmax - onehot) / N in one cache-resident buffer, which goes straight into the two GEMMs of
+    the head's backward (dh = dz W, dW += dz^T h). The forward thus does the backward's GEMMs too
+    (same FLOPs in total); backward() only scales the stored gradients by the incoming one.
+    Same arithmetic as F.cross_entropy on fp32 logits (log-sum-exp after subtracting the row max);
+    the logits are rounded to the head's dtype before going to fp32, as model.logits(h).float() does."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, need_h, need_w):
+        N = h.shape[0]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, N, rows):
+            hc, tc = h[i:i + rows], targets[i:i + rows, None]
+            z = F.linear(hc, weight).float()  # (rows, V) fp32 logits
+            zt = z.gather(1, tc)
+            m = z.amax(dim=1, keepdim=True)
+            z.sub_(m).exp_()
+            se = z.sum(dim=1, keepdim=True)
+            total += (se.log() + m - zt).sum()
+            if need_h or need_w:
+                z.mul_(se.reciprocal_().mul_(1.0 / N))  # softmax / N
+                z.scatter_add_(1, tc, torch.full_like(zt, -1.0 / N))  # - onehot / N
+                if need_h:
+                    torch.mm(z.to(h.dtype), weight, out=grad_h[i:i + rows])
+                if need_w:  # accumulated over the blocks in fp32 (a bf16 head gets it rounded once)
+                    grad_w.addmm_(z.t(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
+        return total / N
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * g if grad_h is not None else None
+        dw = (grad_w * g).to(ctx.w_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+# Logits per block of the fused loss: 2^18 fp32 values = 1 MiB, held in a core's L2 cache between
+# the softmax and the two GEMMs (at least 64 rows, so large vocabularies still get usable GEMMs).
+CE_BLOCK_LOGITS = 1 << 18
+
+
+def _head_is_plain(model: Transformer) -> bool:
+    """The fused loss reads model.head.weight directly: only for a plain, unsharded nn.Linear head
+    (FSDP2 and the tensor-parallel head gather or split it inside their own forward)."""
+    head = model.head
+    if type(head) is not torch.nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(head.weight, DTensor)
+
+
+def lm_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Mean next-token CE of the head on hidden states h (B, S, D) against targets (B, S), in fp32
+    (DESIGN.md). With autograd on and a plain head, the chunked fused loss above (no (N, V) tensor
+    is ever stored); otherwise F.cross_entropy on the full logits, which it equals within fp32 rounding."""
+    V = model.config.vocab_size
+    if fused and torch.is_grad_enabled() and _head_is_plain(model):
+        w = model.head.weight
+        need_h, need_w = h.requires_grad, w.requires_grad
+        if need_h or need_w:
+            rows = max(64, CE_BLOCK_LOGITS // V)
+            return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), rows, need_h, need_w)
+    return F.cross_entropy(model.logits(h).float().reshape(-1, V), targets.reshape(-1))
+
+
 @dataclass
 class Losses:
     loss: torch.Tensor  # what is differentiated
@@ -192,26 +267,24 @@ def compute_losses(
     seq_alpha: float = PAPER["alpha"],
     aux_alpha: float = 1e-3,
     layers: list[tuple[str, MoE]] | None = None,
+    fused_loss: bool = True,
 ) -> Losses:
     """windows (B, seq_len + 1 + D) int64: inputs are the first seq_len tokens, the main targets are
     shifted by one and the depth-k MTP targets by k + 1 (paper §2.2: module k sees Emb(t_{i+k}) and
-    predicts t_{i+k+1}). `layers` are the MoEs with `record_routing` on (see moe_layers)."""
+    predicts t_{i+k+1}). `layers` are the MoEs with `record_routing` on (see moe_layers).
+    `fused_loss`: the chunked head + CE of lm_loss (False: plain F.cross_entropy on full logits)."""
     B, W = windows.shape
     S = seq_len
     D = W - S - 1
     assert D >= 0, (W, S)
     inputs = windows[:, :S]
     h = model.hidden(inputs)
-    V = model.config.vocab_size
-    # The loss in fp32 (DESIGN.md); cross_entropy's mean is over all B * S tokens.
-    ce = F.cross_entropy(model.logits(h).float().reshape(-1, V), windows[:, 1:S + 1].reshape(-1))
+    # The loss in fp32 (DESIGN.md); the mean is over all B * S tokens.
+    ce = lm_loss(model, h, windows[:, 1:S + 1], fused_loss)
     mtp = torch.zeros((), device=windows.device)
     if D > 0:
         hs = model.mtp_hidden(h, windows[:, :S + D], depths=D)
-        per_depth = [
-            F.cross_entropy(model.logits(hk).float().reshape(-1, V), windows[:, k + 1:k + 1 + S].reshape(-1))
-            for k, hk in enumerate(hs, 1)
-        ]
+        per_depth = [lm_loss(model, hk, windows[:, k + 1:k + 1 + S], fused_loss) for k, hk in enumerate(hs, 1)]
         mtp = torch.stack(per_depth).mean()  # L_MTP = lambda / D * sum_k L_MTP^k (eq. 25)
     bal = torch.zeros((), device=windows.device)
     loads = None
@@ -239,25 +312,44 @@ def _item(t: torch.Tensor) -> float:
     return float(t.detach())
 
 
-def compile_dense_parts(model: Transformer) -> None:
+def compile_model(model: Transformer, backend: str = "inductor") -> None:
     """torch.compile, from outside (DESIGN.md: compilation is applied to the model, not written into
-    it), every part of the model with static control flow: attention, norms, dense MLPs and shared
-    experts, the MTP projections. The routed experts stay eager: their grouped GEMM has
-    data-dependent group sizes (and no fp32 meta kernel to trace with). Shapes are static (dynamic
-    shapes compiled twice as long and ran slower here): the trainer keeps every micro-batch the same
-    size, so one compilation serves the whole run. Training steps only: evaluation and generation
-    run eagerly (`torch.compiler.set_stance("force_eager")`)."""
-    blocks = list(model.layers) + [m.block for m in model.mtp]
-    for b in blocks:
-        mods = [b.attn, b.attn_norm, b.ffn_norm]
-        mods.append(b.ffn.shared_experts if isinstance(b.ffn, MoE) else b.ffn)
-        for m in mods:
-            if m is not None:
-                m.compile(dynamic=False)
+    it), every transformer block whole: attention, norms, router, shared experts and the routed
+    experts, whose grouped GEMMs trace through the dsv3::grouped_mm custom op (dsv3.model.moe) and
+    whose dispatch keeps fixed shapes (sort + per-expert counts); so one graph per block, forward and
+    backward, with the elementwise work between the GEMMs fused. Also each MTP module and the final
+    norm. Routed experts of another kind (FP8 training's) read their group sizes on the host: around
+    them only the dense parts are compiled. Shapes are static (dynamic shapes
+    compiled twice as long and ran slower here): the trainer keeps every micro-batch the same size,
+    so one compilation serves the whole run. Training steps only: evaluation and generation run
+    eagerly (`torch.compiler.set_stance("force_eager")`). `backend`: torch.compile's (the tests use
+    "aot_eager": the same graphs and autograd, without generating C++)."""
+    kw = dict(dynamic=False, backend=backend)
+
+    def whole(b) -> bool:
+        return not isinstance(b.ffn, MoE) or type(b.ffn.experts) is Experts
+
+    for b in model.layers:
+        _compile_block(b, whole(b), kw)
     for m in model.mtp:
-        for sub in (m.enorm, m.hnorm, m.eh_proj, m.norm):
-            sub.compile(dynamic=False)
-    model.norm.compile(dynamic=False)
+        if whole(m.block):
+            m.compile(**kw)
+        else:
+            _compile_block(m.block, False, kw)
+            for sub in (m.enorm, m.hnorm, m.eh_proj, m.norm):
+                sub.compile(**kw)
+    model.norm.compile(**kw)
+
+
+def _compile_block(b, whole: bool, kw: dict) -> None:
+    if whole:
+        b.compile(**kw)
+        return
+    mods = [b.attn, b.attn_norm, b.ffn_norm]
+    mods.append(b.ffn.shared_experts if isinstance(b.ffn, MoE) else b.ffn)
+    for m in mods:
+        if m is not None:
+            m.compile(**kw)
 
 
 class Trainer:
@@ -327,7 +419,7 @@ class Trainer:
         for _, moe in self.layers:
             moe.record_routing = True
         if cfg.compile:
-            compile_dense_parts(self.model)
+            compile_model(self.model)
         self.optimizer = build_optimizer(master, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
         self.scheduler = build_lr_scheduler(
             self.optimizer, cfg.steps, cfg.resolved_warmup(), constant_until=cfg.constant_until,
