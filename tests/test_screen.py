@@ -76,6 +76,16 @@ def test_exact_ties_and_near_ties_below_the_int8_resolution():
     assert int(gh.argmax(h)) == int(torch.nn.functional.linear(h, w3).argmax()) == 11
 
 
+def test_non_finite_hidden_states_give_what_the_full_product_gives():
+    w = weights("gauss")
+    gh = GreedyHead(w)
+    h = hiddens()[:3].clone()
+    h[0, 7] = float("nan")
+    h[1, 3] = float("inf")
+    assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, w).argmax(dim=1))
+    assert gh.fallbacks >= 2
+
+
 def test_only_fp32_cpu_heads_above_the_size_threshold_are_screened():
     assert not GreedyHead.supported(torch.zeros(10, 10))
     assert not GreedyHead.supported(torch.zeros(1 << 12, 1 << 10, dtype=torch.bfloat16))

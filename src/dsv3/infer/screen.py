@@ -143,7 +143,7 @@ class GreedyHead:
         for r in range(R):
             idx = (a[r] >= threshold[r]).nonzero().squeeze(1)  # ascending ids
             n = idx.numel()
-            if n > MAX_CANDIDATES:  # bound too loose for this row (extreme outliers): fp32 in full
+            if n > MAX_CANDIDATES or n == 0:  # bound too loose (extreme outliers) or h not finite: fp32 in full
                 self.fallbacks += 1
                 out[r] = torch.nn.functional.linear(h[r:r + 1], self.weight).argmax()
                 continue
