@@ -21,10 +21,11 @@ with ||r||_inf <= s/2 for the activation scale s <= (max(h, 0) - min(h, 0)) / 12
 dynamic quantization, and rounding terms for the kernel's fp32 output scaling and for the fp32 dot
 products of the reference (|fl(w.h) - w.h| <= D u sum_j |w_ij h_j|, u = 2^-24). The bound is loose
 by a small factor, so the candidate set stays small; when it is not (hidden states with extreme
-outliers make s large), the full fp32 product is computed instead. The leading candidates are
-compared in float64, so the token is the argmax of the exact logits (the first of equal ones); it
-is the argmax of fp32 logits except where fp32 rounding reorders two logits within ~1e-6 relative
-of each other, where two BLAS libraries (or two block positions of one GEMV) can disagree too.
+outliers make s large), the full fp32 product is computed instead. Candidates whose fp32 values lie
+within the fp32 rounding bound of the best are compared again in float64, so the token is the
+argmax of the exact logits (the first of equal ones). It is the argmax of fp32 logits except where
+fp32 rounding reorders two logits within ~1e-6 relative of each other; there two BLAS libraries
+(or two block positions of one GEMV) can disagree too.
 
 Used by greedy decoding in `dsv3.generate`, the engine and MTP drafting/verification, for fp32 heads
 on CPU; other cases compute the full logits.
@@ -151,9 +152,12 @@ class GreedyHead:
             wc = self.weight.index_select(0, idx)  # (n, D)
             exact = torch.mv(wc, h[r])  # (n,) fp32
             # fp32 GEMV kernels round a dot product differently depending on where the row sits in
-            # the block (two equal rows can differ in the last bit), so the leaders within a few
-            # ulps of the best are compared again in float64; ties go to the lowest id, as argmax
-            near = (exact >= exact.max() - 1e-5 * exact.abs().max() - 1e-30).nonzero().squeeze(1)
+            # the block (two equal rows can differ in the last bit). Each fp32 value is within
+            # D u ||w_i||_1 ||h||_inf of the exact one, so every row that may truly be the best lies
+            # within twice that of the fp32 maximum: those are compared again in float64, ties
+            # going to the lowest id, as argmax does
+            tol = 2 * h.shape[1] * 2.0 ** -24 * float(self.l1[idx].max()) * float(h[r].abs().max())
+            near = (exact >= exact.max() - tol).nonzero().squeeze(1)
             if near.numel() == 1:
                 out[r] = idx[near[0]]
             else:
