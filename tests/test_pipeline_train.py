@@ -10,12 +10,7 @@ over 4 ranks (each rank holds only its stages; shared copies stay bit-identical)
 The balance-loss factor is raised to 0.1 (paper: 1e-4) in every run so that a wrong balance-loss
 gradient on a stage would move the weights far beyond the tolerance (measured: 0.5 vs 0 changes
 every tensor by > 10%)."""
-import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,42 +19,20 @@ import torch
 import dsv3
 from dsv3.cli import main
 from dsv3.config import preset
-from dsv3.parallel.dist import free_port, init_parallel, run_local
+from dsv3.parallel.dist import init_parallel, run_local
 from dsv3.train.data import TokenDataset
 from dsv3.train.pipeline_train import PipelineTrainer, train_stage_layers
 from dsv3.train.trainer import Trainer, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
-STEPS, BATCH, SEQ = 3, 4, 32
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    p = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40000], encoding="utf-8")
-    return p
+import test_parallel_cli
+from test_parallel_cli import STEPS, corpus, records, torchrun  # noqa: F401 (corpus: a shared fixture)
 
 
 def train_args(corpus, out, cache, *extra):
-    return ["train", "--data", str(corpus), "--out", str(out), "--cache-dir", str(cache), "--preset", "tiny",
-            "--steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--threads", "1",
-            "--no-progress", "--samples", "0", "--eval-every", str(STEPS), "--save-every", str(STEPS),
-            "--eval-batches", "2", "--micro-batch-size", "1", "--seq-alpha", "0.1", "--deterministic",
-            *map(str, extra)]
-
-
-def torchrun(nproc, args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "dsv3", *args, "--dist-backend", "gloo"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-def records(out, kind):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    # the CLI tests' run, one row per micro-batch, a balance loss large enough that a wrong gradient
+    # of it shows, and deterministic kernels
+    return test_parallel_cli.train_args(corpus, out, cache, "--micro-batch-size", "1", "--seq-alpha", "0.1",
+                                        "--deterministic", *extra)
 
 
 def assert_same_run(a, b, steps=range(1, STEPS + 1)):

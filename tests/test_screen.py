@@ -169,7 +169,7 @@ def test_engine_and_speculative_decoding_same_tokens_with_and_without_screen(mon
     eng = Engine(m, block_size=4, eos_token_id=None, max_num_seqs=2)
     outs = eng.generate(prompts, greedy(20, logprobs=2))
     assert [c.token_ids for c in outs] == with_screen[None] and len(screened) == n_screened
-    monkeypatch.setattr(engine_mod, "greedy_head", lambda model: None)  # the full fp32 head everywhere
+    monkeypatch.setattr(engine_mod, "greedy_head", lambda model, rows=1: None)  # the full fp32 head everywhere
     for spec in (None, "mtp"):
         eng = Engine(m, block_size=4, eos_token_id=None, speculative=spec, max_num_seqs=2)
         assert [c.token_ids for c in eng.generate(prompts, greedy(20))] == with_screen[spec]

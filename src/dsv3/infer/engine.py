@@ -39,7 +39,7 @@ from dsv3.infer.params import (ABORT, LENGTH, STOP, Completion, Request, Request
 from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, batched_filtered_probs,
                                  sample_inverse_cdf, token_logprobs)
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
-from dsv3.infer.screen import MAX_ROWS as MAX_SCREEN_ROWS, greedy_head
+from dsv3.infer.screen import greedy_head
 from dsv3.model.moe import MoE
 
 # logits of at most this many positions are materialised at once for prompt logprobs (V is large)
@@ -717,15 +717,13 @@ class Engine:
         exactly the argmax of the fp32 logits, without reading the fp32 head in full. None when any
         request needs the full logits (sampling, penalties, a masked stop id, logprobs) or the screen
         does not apply (dtype, device, vocabulary size, too many rows); the caller then computes them."""
-        if h.shape[0] > MAX_SCREEN_ROWS:
-            return None
         for r in reqs:
             p = r.params
             if not p.greedy or p.penalised or (need_logprobs and p.logprobs is not None):
                 return None
             if r.stop_ids and r.num_output_tokens < p.min_new_tokens:  # stop ids masked (see _process)
                 return None
-        gh = greedy_head(self.model)
+        gh = greedy_head(self.model, h.shape[0])
         if gh is None:
             return None
         return gh.argmax(h).tolist()

@@ -2,7 +2,7 @@ import torch
 
 from dsv3.infer.cache import LatentCache
 from dsv3.infer.sampling import sample
-from dsv3.infer.screen import MAX_ROWS, greedy_head
+from dsv3.infer.screen import greedy_tokens
 
 
 @torch.no_grad()
@@ -35,13 +35,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
     positions = torch.arange(S, device=device).expand(B, S)
-    # greedy decoding of a few rows takes the argmax through the int8 screen of the head: the same
-    # tokens as the fp32 logits' argmax without reading the fp32 head in full (dsv3.infer.screen)
-    screen = greedy_head(model) if temperature == 0 and B <= MAX_ROWS else None
-
     def next_tokens(x):  # x (B, D) final hidden states
-        if screen is not None:
-            return screen.argmax(x).to(device)
+        if temperature == 0:
+            # the argmax through the int8 screen of the head where it applies: the same tokens as
+            # the fp32 logits' argmax without reading the fp32 head in full (dsv3.infer.screen)
+            return greedy_tokens(model, x)
         return sample(model.logits(x).float(), temperature, top_p, generator=gen)
 
     h = model.hidden(tokens, positions, cache)

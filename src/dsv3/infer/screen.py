@@ -177,9 +177,12 @@ def _quiet():
         yield
 
 
-def greedy_head(model) -> GreedyHead | None:
+def greedy_head(model, rows: int = 1) -> GreedyHead | None:
     """The model's GreedyHead for its output head, built once and rebuilt when the weight changes;
-    None where the screen does not apply (non-fp32 or non-CPU head, small vocabulary, no engine)."""
+    None where the screen does not apply (more than MAX_ROWS rows at once, a non-fp32 or non-CPU
+    head, a small vocabulary, no quantized engine)."""
+    if rows > MAX_ROWS:
+        return None
     head = model.head
     # only a plain, whole head: a tensor-parallel head (dsv3.parallel.tensor) holds one vocabulary
     # shard and gathers logits across ranks, so an argmax of its local weight would be wrong
@@ -198,7 +201,7 @@ def greedy_head(model) -> GreedyHead | None:
 def greedy_tokens(model, h: torch.Tensor) -> torch.Tensor:
     """h (..., D) final hidden states -> argmax of model.logits(h) over the vocabulary, shape (...)."""
     flat = h.reshape(-1, h.shape[-1])
-    gh = greedy_head(model) if flat.shape[0] <= MAX_ROWS else None
+    gh = greedy_head(model, flat.shape[0])
     if gh is None:
         return model.logits(flat).argmax(dim=-1).view(h.shape[:-1])
     with torch.no_grad():

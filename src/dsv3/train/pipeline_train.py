@@ -69,7 +69,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.pipeline import Pipeline, local_chunks, stage_layers
 from dsv3.parallel.schedules import KINDS, Layout
-from dsv3.train.balance import bias_update, count_loads, expert_aux_loss, max_violation, sequence_balance_loss
+from dsv3.train.balance import count_loads, expert_aux_loss, max_violation, sequence_balance_loss
 from dsv3.train.optim import batch_size_at, build_lr_scheduler, build_optimizer
 from dsv3.train.trainer import TrainConfig, Trainer, lm_loss
 
@@ -473,38 +473,10 @@ class PipelineTrainer(Trainer):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {
-            "kind": "train",
-            "step": self.step + 1,
-            "loss": sums["loss"],
-            "ce": sums["ce"],
-            "mtp_loss": sums["mtp"],
-            "balance_loss": sums["balance"],
-            "lr": lr,
-            "mtp_lambda": lam,
-            "gamma": gamma,
-            "batch_size": bs,
-            "grad_norm": float(grad_norm),
-        }
-        if loads is not None:
-            if self.ctx.data_size > 1:
-                loads = self.ctx.global_loads(loads)  # the global batch: summed over the dp replicas
-            # Aux-free balancing (§2.1.2) on the loads of the whole step; every holder of a layer
-            # (DualPipe's two copies) applies the same update.
-            if gamma > 0:
-                for row, moe in self._rows:
-                    bias_update(moe.gate.bias, loads[row], gamma)
-            self.tracker.update(loads)
-            record["maxvio_batch"] = dict(zip(self._names, self.tracker.batch_max_violation().tolist()))
-            record["maxvio_cum"] = dict(zip(self._names, self.tracker.cumulative_max_violation().tolist()))
-        self.step += 1
-        self.tokens += bs * cfg.seq_len
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        record["tokens"] = self.tokens
-        record["tokens_per_s"] = bs * cfg.seq_len / dt
-        return record
+        if loads is not None and self.ctx.data_size > 1:
+            loads = self.ctx.global_loads(loads)  # the global batch: summed over the dp replicas
+        # every holder of a layer (DualPipe's two copies) applies the same bias update
+        return self._finish_step(t0, bs, lr, lam, gamma, sums, grad_norm, loads, self._rows, self._names)
 
     def _gather_step(self, M: int):
         """(M, 2 + n_moe) fp32 [ce, mtp, balance term per MoE layer] per micro-batch and the step's

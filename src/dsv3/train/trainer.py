@@ -502,6 +502,19 @@ class Trainer:
             with torch.no_grad():
                 for p, q in self._pairs:
                     p.copy_(q)  # round the fp32 master into the bf16 model
+        if loads is not None and self.parallel is not None:
+            # the bias update and the statistics count the global batch (issue 7: loads all-reduced
+            # over the data- and expert-parallel ranks)
+            loads = self.parallel.global_loads(loads)
+        return self._finish_step(t0, bs, lr, lam, gamma, sums, grad_norm, loads,
+                                 [(i, moe) for i, (_, moe) in enumerate(self.layers)], self.layer_names)
+
+    def _finish_step(self, t0, bs, lr, lam, gamma, sums, grad_norm, loads, biased, names) -> dict:
+        """After the optimizer step: the step's metrics record, the aux-free bias update and the load
+        statistics. loads (n_moe, E): the whole step's global loads (or None); biased: (row of loads,
+        MoE) for the MoE layers whose bias this rank updates; names: the rows' layer names. Shared
+        with the pipeline trainer, whose ranks hold only some of the layers."""
+        cfg = self.cfg
         record = {
             "kind": "train",
             "step": self.step + 1,
@@ -515,19 +528,15 @@ class Trainer:
             "batch_size": bs,
             "grad_norm": float(grad_norm),
         }
-        if loads is not None and self.parallel is not None:
-            # the bias update and the statistics count the global batch (issue 7: loads all-reduced
-            # over the data- and expert-parallel ranks)
-            loads = self.parallel.global_loads(loads)
         if loads is not None:
             # Aux-free balancing (§2.1.2): after the step, b_i += gamma * sign(mean - load_i) with
             # the loads of the whole step (every micro-batch), the global batch of the paper.
             if gamma > 0:
-                for (_, moe), layer_loads in zip(self.layers, loads):
-                    bias_update(moe.gate.bias, layer_loads, gamma)
+                for row, moe in biased:
+                    bias_update(moe.gate.bias, loads[row], gamma)
             self.tracker.update(loads)
-            record["maxvio_batch"] = dict(zip(self.layer_names, self.tracker.batch_max_violation().tolist()))
-            record["maxvio_cum"] = dict(zip(self.layer_names, self.tracker.cumulative_max_violation().tolist()))
+            record["maxvio_batch"] = dict(zip(names, self.tracker.batch_max_violation().tolist()))
+            record["maxvio_cum"] = dict(zip(names, self.tracker.cumulative_max_violation().tolist()))
         self.step += 1
         self.tokens += bs * cfg.seq_len
         if self.device.type == "cuda":
