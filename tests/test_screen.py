@@ -174,3 +174,19 @@ def test_engine_and_speculative_decoding_same_tokens_with_and_without_screen(mon
         eng = Engine(m, block_size=4, eos_token_id=None, speculative=spec, max_num_seqs=2)
         assert [c.token_ids for c in eng.generate(prompts, greedy(20))] == with_screen[spec]
     assert len(screened) == n_screened
+
+
+@pytest.mark.parametrize("V", [64 * 37, 64 * 37 + 13, 50])
+def test_candidates_are_exactly_the_rows_within_the_margin(V):
+    # the chunked search against the definition: ids with a[r, i] >= max(a[r]) - margin[r], ascending
+    g = torch.Generator().manual_seed(V)
+    a = torch.randn(6, V, generator=g)
+    a[1, ::7] = a[1].max()  # many exact ties with the maximum, spread over chunks
+    a[2, -1] = 10.0  # the maximum in the tail (when V is not a multiple of the chunk)
+    a[3, 5] = float("nan")  # a non-finite row: no candidate
+    margin = torch.tensor([0.0, 0.0, 0.5, 1.0, 2.5, 1e9])
+    got = screen.candidates(a, margin)
+    for r in range(6):
+        want = (a[r] >= a[r].max() - margin[r]).nonzero().squeeze(1)
+        assert torch.equal(got[r], want), r
+    assert got[3].numel() == 0 and got[5].numel() == V and got[1].numel() >= V // 7
