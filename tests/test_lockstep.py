@@ -1,6 +1,6 @@
-"""Serving a tensor- or expert-parallel model from one engine on rank 0 (dsv3.infer.lockstep, issue 7):
-the other ranks replay rank 0's forwards. On 2 gloo processes (TP = 2 through serve_parallel, the
-`dsv3 serve` entry point; EP = 2 through attach/worker_loop directly), with requests joining at
+"""Serving a tensor-, expert- or pipeline-parallel model from one engine on rank 0 (dsv3.infer.lockstep,
+issue 7): the other ranks replay rank 0's forwards. On 2 gloo processes (TP = 2 and PP = 2 through
+serve_parallel, the `dsv3 serve` entry point; EP = 2 through attach/worker_loop directly), with requests joining at
 different steps, chunked prefill, greedy / seeded sampling / logprobs, MTP speculation, a
 cancellation and a stop decided on rank 0 only, the tokens equal a single-process Engine on the same
 checkpoint, every rank ran the same number of forwards, and the workers exit on shutdown (also when
@@ -27,7 +27,7 @@ from test_speculative import aligned_model
 PROMPTS = rand_prompts((5, 23, 11, 37, 2, 9), seed=4)
 SPEC_PROMPTS = rand_prompts((5, 17, 1, 33), seed=5)
 LATE_PROMPTS = rand_prompts((7, 19), seed=6)
-MODES = ["tp2", "ep2", "ep2_replay"]
+MODES = ["tp2", "ep2", "ep2_replay", "pp2"]
 WATCHDOG_S = 150  # a rank that hangs in a collective is killed (the test then fails instead of hanging)
 
 
@@ -113,13 +113,14 @@ def _watchdog():
     signal.alarm(WATCHDOG_S)
 
 
-def tp_rank(rank, world, path, fail=None, note=None):
-    """TP = 2 through serve_parallel, as `dsv3 serve --tp 2` under torchrun would run it.
-    fail="serve": rank 0's serving code raises; fail="op": rank 0's model raises inside a forward whose
-    command the worker already got (messages written to `note`)."""
+def tp_rank(rank, world, path, fail=None, note=None, axis="tp"):
+    """TP = 2 (axis="pp": PP = 2) through serve_parallel, as `dsv3 serve --tp 2` (`--pp 2`) under
+    torchrun would run it. fail="serve": rank 0's serving code raises; fail="op": rank 0's model raises
+    inside a forward whose command the worker already got (messages written to `note`)."""
     _watchdog()
-    args = argparse.Namespace(model=path, tp=2, ep=1, dp=None, pp=1, dtype="float32", threads=1,
-                              dist_backend="gloo", fp8_dispatch=False)
+    sizes = {"tp": 1, "pp": 1, axis: 2}
+    args = argparse.Namespace(model=path, ep=1, dp=None, dtype="float32", threads=1, dist_backend="gloo",
+                              fp8_dispatch=False, **sizes)
 
     def serve(proxy):
         assert isinstance(proxy, LockstepModel)
@@ -157,6 +158,8 @@ def tp_rank(rank, world, path, fail=None, note=None):
         out["sync"] = proxy.check_sync()
         out["spec_stats"] = engines[1].stats().spec
         out["proxy_cache_is_engine_cache"] = proxy._cache is engines[-1].cache
+        # the layers this rank's cache holds (a pipeline stage: its own, and the MTP layer when speculating)
+        out["cache_layers"] = [getattr(e.cache, "layer_ids", None) for e in engines]
         return out
 
     return serve_parallel(args, serve)
@@ -219,6 +222,11 @@ def tp2(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def pp2(checkpoint):
+    return run_local(tp_rank, 2, checkpoint, None, None, "pp", init=False)
+
+
+@pytest.fixture(scope="module")
 def ep2(checkpoint):
     return run_local(ep_rank, 2, checkpoint, None)
 
@@ -261,7 +269,7 @@ def test_mtp_speculation_equals_plain_decoding(mode, request, reference):
     assert_same(got, ref_spec["spec"])  # the same as one process with speculation
     for i in (0, 1, 3):  # greedy rows: exactly plain greedy decoding (V3 §2.2: MTP only proposes)
         assert got[i]["tokens"] == plain[i]["tokens"] and len(got[i]["tokens"]) == 16
-    if mode == "tp2":
+    if mode in ("tp2", "pp2"):
         st = res[0]["spec_stats"]
         assert st.drafted > 0 and 0 < st.accepted < st.drafted  # both verify paths ran
 
@@ -280,13 +288,20 @@ def test_cancel_and_rank0_stop_keep_workers_in_step(mode, request, reference):
     assert n0 == n1 > 50
 
 
-def test_workers_exit_cleanly(tp2, ep2, ep2_replay):
-    assert tp2[1] == 0  # serve_parallel's return on the worker: it left worker_loop on the stop command
-    assert tp2[0]["proxy_cache_is_engine_cache"]
+def test_workers_exit_cleanly(tp2, ep2, ep2_replay, pp2):
+    for par in (tp2, pp2):
+        assert par[1] == 0  # serve_parallel's return on the worker: it left worker_loop on the stop command
+        assert par[0]["proxy_cache_is_engine_cache"]
     for ep in (ep2, ep2_replay):
         assert ep[1] == ep[0]["commands"] == ep[0]["sync"][1]  # worker_loop's count = rank 0's
     # EP: the head is whole, so logits never go through the workers: fewer commands than TP
     assert ep2[0]["commands"] < tp2[0]["sync"][0]
+    # PP: head and MTP live on rank 0, so only main-model forwards are commands: fewer than TP's
+    assert pp2[0]["sync"][0] < tp2[0]["sync"][0]
+    # rank 0's stage caches only its layers (3 layers split 2 | 1), plus the MTP layer (index 3) when
+    # the engine speculates (the second engine); TP keeps the engine's full cache
+    assert pp2[0]["cache_layers"] == [(0, 1), (0, 1, 3), (0, 1)]
+    assert tp2[0]["cache_layers"] == [None, None, None]
 
 
 def _catching(rank, world, path):
@@ -315,12 +330,17 @@ def test_failed_op_refuses_later_calls_and_ends_the_job(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("kw, env, text", [
-    (dict(pp=2), None, "--pp 2: pipeline-parallel serving is not supported"),
-    (dict(dp=2), None, "--dp 2: data-parallel serving is not supported"),
+    (dict(pp=2), None, "--pp 2: pipeline-parallel serving is not supported in a single process; launch it under "
+                       "torchrun with 2 processes"),
+    (dict(pp=2), "4", "--pp 2: launch it under torchrun with 2 processes .* got a world size of 4"),
+    (dict(pp=2, tp=2), "4", "--pp with --tp is not supported by dsv3 serve"),
+    (dict(pp=2, ep=2), "4", "--pp with --ep is not supported by dsv3 serve"),
+    (dict(pp=0), None, "--pp must be a positive integer"),
+    (dict(dp=2), None, "--dp 2: data-parallel serving"),  # replicas, not one lockstep engine (dsv3.infer.replicas)
     (dict(tp=2, ep=2), None, "--tp and --ep together"),
     (dict(tp=2), None, "launch it under torchrun with 2 processes"),
     (dict(ep=2), "4", "got a world size of 4"),
-    (dict(), "2", "needs --tp 2 or --ep 2"),
+    (dict(), "2", "needs --tp 2, --ep 2 or --pp 2"),
 ])
 def test_serve_flags_refused(kw, env, text, monkeypatch, tmp_path):
     if env is None:
@@ -338,3 +358,4 @@ def test_single_process_is_not_parallel(monkeypatch):
     assert check_serve_args(argparse.Namespace(tp=1, ep=1, dp=1, pp=1)) is False
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert check_serve_args(argparse.Namespace(tp=2, ep=1, dp=None, pp=1)) is True
+    assert check_serve_args(argparse.Namespace(tp=1, ep=1, dp=None, pp=2)) is True

@@ -47,28 +47,22 @@ def configure(p: argparse.ArgumentParser):
     add_sampling_flags(p)
     from dsv3.parallel.dist import add_parallel_arguments
 
-    # `torchrun --nproc-per-node 2 -m dsv3 generate ... --tp 2` (docs/parallel.md)
+    # `torchrun --nproc-per-node 2 -m dsv3 generate ... --tp 2` (or --ep 2, --pp 2; docs/parallel.md)
     add_parallel_arguments(p)
 
 
-def _parallel(args):
-    """torchrun's process groups when --tp/--ep ask for them (None otherwise): every rank loads its
-    shard and runs the same schedule (same prompt, same seed); rank 0 prints."""
+def _parallel(args) -> bool:
+    """True when torchrun's processes run this command in parallel (--tp N, --ep N or --pp N): rank 0
+    runs the only Engine and prints, the other ranks replay its forwards on their shard or pipeline
+    stage (dsv3.infer.lockstep.run_parallel). ValueError for what is not supported."""
     if not hasattr(args, "tp"):
-        return None  # a command without the parallel flags (dsv3 chat)
-    tp, ep = args.tp, args.ep
-    if tp == 1 and ep == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return None
-    if getattr(args, "pp", 1) != 1:
-        raise ValueError("--pp: pipeline-parallel inference is not supported by dsv3 generate; use --tp or --ep")
+        return False  # a command without the parallel flags (dsv3 chat)
     if getattr(args, "dp", None) not in (None, 1):
         raise ValueError("--dp: dsv3 generate serves one prompt; data-parallel replicas would only repeat it "
-                         "(use --tp or --ep)")
-    if args.speculative:
-        raise ValueError("--speculative with --tp/--ep is not supported yet")
-    from dsv3.parallel.dist import init_parallel
+                         "(use --tp, --ep or --pp)")
+    from dsv3.infer.lockstep import check_parallel_args
 
-    return init_parallel(args)
+    return check_parallel_args(args, "generate")
 
 
 def sampling_params(args):
@@ -88,27 +82,36 @@ def load_tokenizer(path):
     return Tokenizer.from_dir(path)
 
 
-def load_engine(args):
-    import dsv3
+def _model_dtype(args):
+    """The checkpoint's config and the weights' dtype; ValueError for a bad folder or flag."""
     from dsv3.config import ModelConfig
-    from dsv3.infer.engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
     cfg = ModelConfig.from_hf(args.model)
     dtype = _DTYPES.get(cfg.torch_dtype, torch.float32) if args.dtype == "auto" else _DTYPES[args.dtype]
     if args.speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative mtp: the model in {args.model} has no MTP layer")
-    ctx = _parallel(args)
-    if ctx is not None:
-        args._parallel_ctx = ctx
-        model = ctx.load_model(args.model, dtype).eval()  # each rank reads only its shard
-    else:
+    return cfg, dtype
+
+
+def load_engine(args, model=None):
+    """The Engine of args; model: rank 0's LockstepModel under torchrun (attached here), else the
+    checkpoint is loaded in this process."""
+    import dsv3
+    from dsv3.infer.engine import Engine
+    from dsv3.infer.lockstep import LockstepModel, attach
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, dtype = _model_dtype(args)
+    if model is None:
         model = dsv3.load_model(args.model, dtype=dtype, device=args.device).eval()
-    return Engine(model, block_size=args.block_size, cache_memory=args.cache_memory_mb << 20,
-                  speculative=args.speculative, max_num_seqs=8)
+    engine = Engine(model, block_size=args.block_size, cache_memory=args.cache_memory_mb << 20,
+                    speculative=args.speculative, max_num_seqs=8)
+    if isinstance(model, LockstepModel):
+        attach(engine)  # the other ranks build their cache and follow this engine's forwards
+    return engine
 
 
 def print_stats(engine, n_tokens: int, seconds: float, file=None):
@@ -141,19 +144,12 @@ def stream_text(engine, tok, prompt_ids, params, stop_strings, out=None) -> tupl
 
 
 def run(args):
-    engine = load_engine(args)
-    ctx = getattr(args, "_parallel_ctx", None)
-    if ctx is None:
-        return _run(args, engine)
-    try:
-        if ctx.is_main:
-            return _run(args, engine)
-        import contextlib
+    if _parallel(args):
+        from dsv3.infer.lockstep import run_parallel
 
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            return _run(args, engine)
-    finally:
-        ctx.destroy()
+        _model_dtype(args)  # bad flags fail on every rank before any process group is made
+        return run_parallel(args, lambda model: _run(args, load_engine(args, model)))
+    return _run(args, load_engine(args))
 
 
 def _run(args, engine):

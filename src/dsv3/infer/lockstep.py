@@ -1,10 +1,12 @@
-"""One engine, many ranks: serving a tensor- or expert-parallel model whose requests reach rank 0 only.
+"""One engine, many ranks: serving a tensor-, expert- or pipeline-parallel model whose requests reach
+rank 0 only (`dsv3 serve --tp/--ep/--pp N`), and `dsv3 generate` with the same flags.
 
-`dsv3 generate --tp/--ep` runs an identical Engine on every rank (same prompt, same seed), so every
-rank issues the same forwards and the collectives inside them line up. A server cannot: requests
-arrive on rank 0 at arbitrary times, and cancellations and text stop strings are decided there.
-So rank 0 runs the only Engine (the only scheduler) and the other ranks follow it in lockstep
-(the driver/worker split of vLLM's multi-GPU executor, reduced to what this engine calls):
+Requests arrive on rank 0 at arbitrary times, and cancellations, text stop strings, sampling and
+speculative accept/reject decisions are made there. So rank 0 runs the only Engine (the only
+scheduler) and the other ranks follow it in lockstep (the driver/worker split of vLLM's multi-GPU
+executor, reduced to what this engine calls). `dsv3 generate` under torchrun takes the same path
+(`run_parallel`): one decision maker means the ranks cannot drift apart even where their floating
+point results could differ, and MTP speculation works under every layout:
 
 - rank 0: the Engine's model is a `LockstepModel` proxy. It forwards every attribute to the real
   model (config, parameters(), modules(), layers, head, ...) and overrides the three compute entry
@@ -20,6 +22,15 @@ So rank 0 runs the only Engine (the only scheduler) and the other ranks follow i
 
 Scheduling, sampling, stop strings and cancellation stay on rank 0: they only decide WHICH forwards
 come next, and the workers replay exactly the forwards that come.
+
+Pipeline parallelism (dsv3.parallel.pp_infer): rank 0 holds the first stage (with the embedding,
+head and MTP), the workers the later stages. A `hidden` command is replayed like a TP one (every
+stage needs the positions and the cache binding); inside it the hidden states travel stage to
+stage point to point. The model tells the proxy what differs from TP/EP through two optional
+attributes: `lockstep_local_ops` (ops that run on rank 0 alone: a pipeline's `logits` and
+`mtp_hidden`, no command is sent) and `latent_cache(num_blocks, block_size, n_layers, dtype)` (the
+cache a rank keeps: a stage holds only its own layers' latents; `attach` puts rank 0's share in
+place of the engine's full cache, `worker_loop` builds each worker's share).
 
 Expert parallelism needs less (LockstepModel's `replay`): a rank's tokens only affect that rank's
 outputs, so the workers run a 1-token dummy forward of each op (same MoE all-to-alls, no cache, no
@@ -53,8 +64,8 @@ import torch.distributed as dist
 
 from dsv3.infer.paged import PagedLatentCache
 
-__all__ = ["LockstepModel", "attach", "worker_loop", "command_group", "shutdown", "check_serve_args",
-           "serve_parallel"]
+__all__ = ["LockstepModel", "attach", "worker_loop", "command_group", "shutdown", "check_parallel_args",
+           "check_serve_args", "run_parallel", "serve_parallel"]
 
 log = logging.getLogger("dsv3.lockstep")
 
@@ -150,6 +161,8 @@ class LockstepModel:
             raise ValueError("LockstepModel runs on rank 0 of its group; the other ranks run worker_loop")
         self._mla = _mla_modules(model)
         self._head_collective = _head_is_parallel(model)
+        # ops only rank 0's modules take part in (a pipeline's head and MTP): run without a command
+        self._local = frozenset(getattr(model, "lockstep_local_ops", ()))
         self.replay = not _expert_parallel_only(model) if replay is None else bool(replay)
         if not self.replay and self._head_collective:
             raise ValueError("replay=False needs a model whose head has no collective (expert parallelism only)")
@@ -190,6 +203,12 @@ class LockstepModel:
         dtype = cache.kv.dtype
         if dtype not in FLOATS:
             raise ValueError(f"cache dtype {dtype} is not supported by the lockstep proxy")
+        make = getattr(self._model, "latent_cache", None)
+        if make is not None and type(cache) is PagedLatentCache:
+            # a model holding only some layers (a pipeline stage) keeps only their latents: its share
+            # of the engine's cache, same blocks and tables (the engine's full one is dropped here)
+            cache = make(cache.num_blocks, cache.block_size, cache.n_layers, dtype)
+            engine.cache = cache
         bind = cache.bind
 
         def bind_and_record(tables, positions):
@@ -247,13 +266,19 @@ class LockstepModel:
                          positions=positions, cache=cache)
 
     def logits(self, h):
-        if not self._head_collective:  # a whole head on every rank (EP, or TP = 1): no collective inside
+        # a whole head on rank 0 (EP, PP, or TP = 1): no collective inside
+        if not self._head_collective or "logits" in self._local:
             return self._model.logits(h)
         return self._run(LOGITS, lambda: self._model.logits(h), h=h)
 
     def mtp_hidden(self, h, tokens, positions=None, cache=None, depths=None):
         if depths is not None and tokens.shape[1] < h.shape[1] + depths:  # fail before the workers see it
             raise ValueError(f"MTP depth {depths} needs {h.shape[1] + depths} tokens, got {tokens.shape[1]}")
+        if "mtp_hidden" in self._local:  # the MTP modules live on rank 0 alone (pipeline stage 0)
+            if cache is not None and cache is not self._cache:
+                raise ValueError("the lockstep proxy only runs forwards on the cache of the engine it is attached "
+                                 "to (attach(engine) first)")
+            return self._model.mtp_hidden(h, tokens, positions, cache, depths)
         return self._run(MTP, lambda: self._model.mtp_hidden(h, tokens, positions, cache, depths), h=h,
                          tokens=tokens, positions=positions, cache=cache, depths=depths)
 
@@ -390,8 +415,14 @@ def worker_loop(model, group=None, cmd_group=None) -> int:
         if op == STOP:
             return n
         if op == GEOMETRY:
-            cache = None if f["dummy"] else PagedLatentCache(cfg, f["num_blocks"], f["block_size"], f["n_layers"],
-                                                             FLOATS[f["cache_dtype"]], device)
+            make = getattr(model, "latent_cache", None)  # a pipeline stage keeps only its layers' latents
+            if f["dummy"]:
+                cache = None
+            elif make is not None:
+                cache = make(f["num_blocks"], f["block_size"], f["n_layers"], FLOATS[f["cache_dtype"]])
+            else:
+                cache = PagedLatentCache(cfg, f["num_blocks"], f["block_size"], f["n_layers"],
+                                         FLOATS[f["cache_dtype"]], device)
             bound = None
             continue
         if op == CHECK:
@@ -457,59 +488,85 @@ def worker_loop(model, group=None, cmd_group=None) -> int:
         n += 1
 
 
-# ---------------------------------------------------------------------------- dsv3 serve under torchrun
+# ---------------------------------------------------------------------------- the commands under torchrun
 
-def check_serve_args(args) -> bool:
-    """True when `dsv3 serve` is asked to serve in parallel (--tp N or --ep N under torchrun);
-    ValueError for what parallel serving does not do. Reads args.dp/ep/tp/pp (dp may be None)."""
-    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
-    dp, pp = getattr(args, "dp", None), getattr(args, "pp", 1)
+def check_parallel_args(args, command: str) -> bool:
+    """True when `dsv3 <command>` is asked to run in parallel (--tp N, --ep N or --pp N under
+    torchrun); ValueError for the layouts the lockstep engine does not run. Reads args.tp/ep/pp
+    (--dp is the caller's to check: its meaning differs per command)."""
+    tp, ep, pp = getattr(args, "tp", 1), getattr(args, "ep", 1), getattr(args, "pp", 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if pp != 1:
-        raise ValueError(f"--pp {pp}: pipeline-parallel serving is not supported; use --tp or --ep")
-    if dp not in (None, 1):
-        raise ValueError(f"--dp {dp}: data-parallel serving is not supported (one engine serves all requests); "
-                         f"run one server per replica behind a load balancer, each with --tp or --ep")
-    for name, v in (("tp", tp), ("ep", ep)):
+    for name, v in (("tp", tp), ("ep", ep), ("pp", pp)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name} must be a positive integer, got {v!r}")
     if tp > 1 and ep > 1:
         raise ValueError("--tp and --ep together are not supported: under TP the experts are already split")
-    size = tp * ep
+    if pp > 1 and (tp > 1 or ep > 1):
+        raise ValueError(f"--pp with --{'tp' if tp > 1 else 'ep'} is not supported by dsv3 {command}: a pipeline "
+                         f"stage is whole layers on one rank; use --pp alone, or --tp / --ep alone")
+    size = tp * ep * pp
     if size == 1:
         if world > 1:
-            raise ValueError(f"dsv3 serve under torchrun ({world} processes) needs --tp {world} or --ep {world}")
+            raise ValueError(f"dsv3 {command} under torchrun ({world} processes) needs --tp {world}, --ep {world} or "
+                             f"--pp {world}")
         return False
+    flag = "tp" if tp > 1 else "ep" if ep > 1 else "pp"
     if world != size:
-        raise ValueError(f"--{'tp' if tp > 1 else 'ep'} {size}: launch it under torchrun with {size} processes "
-                         f"(torchrun --nproc-per-node {size} -m dsv3 serve ...), got a world size of {world}")
+        single = ""
+        if flag == "pp" and world == 1:
+            what = "serving" if command == "serve" else "inference"
+            single = f"pipeline-parallel {what} is not supported in a single process; "
+        raise ValueError(f"--{flag} {size}: {single}launch it under torchrun with {size} processes "
+                         f"(torchrun --nproc-per-node {size} -m dsv3 {command} ...), got a world size of {world}")
     return True
 
 
-def serve_parallel(args, serve: Callable[[LockstepModel], int | None]) -> int:
-    """`dsv3 serve --tp N` / `--ep N` under torchrun. Every rank initialises the process groups and
-    loads only its shard of args.model (dtype from args.dtype, "auto" = the checkpoint's). Rank 0
-    calls serve(model) with a LockstepModel: build the Engine on it, `attach(engine)`, run the
-    server, return its exit code. The other ranks follow in worker_loop until rank 0 returns or
-    raises (the stop command is sent in a finally), then all ranks leave the process group.
-    Returns serve's result on rank 0 and 0 elsewhere."""
+def check_serve_args(args) -> bool:
+    """True when `dsv3 serve` is asked to serve in parallel (--tp N, --ep N or --pp N under torchrun);
+    ValueError for what parallel serving does not do. Reads args.dp/ep/tp/pp (dp may be None)."""
+    dp = getattr(args, "dp", None)
+    if dp not in (None, 1):
+        # `dsv3 serve --dp N` is N whole-model replicas (dsv3.infer.replicas.serve_dp), not one lockstep engine
+        raise ValueError(f"--dp {dp}: data-parallel serving runs through dsv3.infer.replicas.serve_dp; --dp "
+                         f"together with --tp, --ep or --pp is not supported yet")
+    return check_parallel_args(args, "serve")
+
+
+def run_parallel(args, fn: Callable[[LockstepModel], int | None]) -> int:
+    """A command's parallel run under torchrun (--tp N, --ep N or --pp N, checked by the caller).
+    Every rank initialises the process groups and loads only its part of args.model (its TP/EP shard
+    with ctx.load_model, or its pipeline stage with dsv3.parallel.pp_infer.load_stage; dtype from
+    args.dtype, "auto" = the checkpoint's). Rank 0 calls fn(model) with a LockstepModel: build the
+    Engine on it, `attach(engine)`, do the work, return the exit code. The other ranks follow in
+    worker_loop until rank 0 returns or raises (the stop command is sent in a finally), then all
+    ranks leave the process group. Returns fn's result on rank 0 and 0 elsewhere."""
     from dsv3.config import ModelConfig
     from dsv3.parallel.dist import init_parallel
 
-    check_serve_args(args)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
+    cfg = ModelConfig.from_hf(args.model)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     want = getattr(args, "dtype", "auto")
-    dtype = dtypes.get(ModelConfig.from_hf(args.model).torch_dtype, torch.float32) if want == "auto" \
-        else dtypes[want]
+    dtype = dtypes.get(cfg.torch_dtype, torch.float32) if want == "auto" else dtypes[want]
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    ctx = init_parallel(dp=1, ep=args.ep, tp=args.tp, pp=1, fp8_dispatch=getattr(args, "fp8_dispatch", False),
+    pp = getattr(args, "pp", 1)
+    if pp > 1:
+        from dsv3.parallel.pp_infer import stage_ranges
+
+        stage_ranges(cfg.num_hidden_layers, pp)  # fewer layers than stages: fail before any process group
+    ctx = init_parallel(dp=1, ep=args.ep, tp=args.tp, pp=pp, fp8_dispatch=getattr(args, "fp8_dispatch", False),
                         backend=getattr(args, "dist_backend", "auto"))
     try:
-        model = ctx.load_model(args.model, dtype).eval()  # each rank reads only its shard
-        group = ctx.group("tp") if ctx.sizes["tp"] > 1 else ctx.group("ep")
+        if pp > 1:
+            from dsv3.parallel.pp_infer import load_stage
+
+            group = ctx.group("pp")
+            model = load_stage(args.model, group, dtype, ctx.device)  # each rank reads only its stage
+        else:
+            model = ctx.load_model(args.model, dtype).eval()  # each rank reads only its shard
+            group = ctx.group("tp") if ctx.sizes["tp"] > 1 else ctx.group("ep")
         cmd = command_group(group)
         if not ctx.is_main:
             # torchrun forwards SIGINT/SIGTERM to every rank; rank 0 drains its requests first (uvicorn's
@@ -523,8 +580,16 @@ def serve_parallel(args, serve: Callable[[LockstepModel], int | None]) -> int:
             return 0
         proxy = LockstepModel(model, group, cmd)
         try:
-            return serve(proxy)
+            return fn(proxy)
         finally:
             proxy.shutdown()
     finally:
         ctx.destroy()
+
+
+def serve_parallel(args, serve: Callable[[LockstepModel], int | None]) -> int:
+    """`dsv3 serve --tp N` / `--ep N` / `--pp N` under torchrun: check_serve_args, then run_parallel
+    with serve(model) on rank 0 (it builds the Engine on the LockstepModel, attaches it and runs the
+    server)."""
+    check_serve_args(args)
+    return run_parallel(args, serve)
