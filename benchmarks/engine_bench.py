@@ -77,6 +77,17 @@ def bytes_per_token(model, context: int, cache_elem: int, head_elem: int | None 
 
 def engine_decode(engine, prompts, n_new):
     """Aggregate decode tokens/s of the requests run together (time after the last prefill)."""
+    count, seconds = _decode(engine, prompts, n_new)
+    return count / seconds
+
+
+def sequential_decode(engine, prompts, n_new):
+    """Decode tokens/s at batch 1 over several prompts run one after another."""
+    runs = [_decode(engine, [p], n_new) for p in prompts]
+    return sum(c for c, _ in runs) / sum(s for _, s in runs)
+
+
+def _decode(engine, prompts, n_new):
     params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     first, count, t0 = set(), 0, None
@@ -89,7 +100,27 @@ def engine_decode(engine, prompts, n_new):
                 count += len(o.new_token_ids)
         if t0 is None and len(first) == len(ids):
             t0 = CLOCK()  # every prefill done: decode from here
-    return count / (CLOCK() - t0)
+    return count, CLOCK() - t0
+
+
+def corpus_prompts(folder, n, length):
+    """n prompts of `length` tokens from the held-out end of the bundled corpus (the last 10%, where
+    `dsv3 train`'s validation split lies), each starting at a line; None without a tokenizer."""
+    corpus = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
+    if not (os.path.isfile(os.path.join(folder, "tokenizer.json")) and os.path.isfile(corpus)):
+        return None
+    from dsv3.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(folder)
+    text = open(corpus, encoding="utf-8").read()
+    tail = text[int(len(text) * 0.9):]
+    out = []
+    for i in range(n):
+        start = tail.index("\n", i * len(tail) // n) + 1
+        ids = tok.encode(tail[start:start + 8 * length])[:length]
+        if len(ids) == length:
+            out.append(ids)
+    return out or None
 
 
 def hf_decode(hf, prompts, n_new):
@@ -200,6 +231,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="concurrent sequences for the batching figure")
     p.add_argument("--draft-vocab", type=int, default=16384,
                    help="MTP draft vocabulary size (FR-Spec; 0 = the whole vocabulary)")
+    p.add_argument("--mtp-prompts", type=int, default=8,
+                   help="MTP section on a trained checkpoint with a tokenizer: this many prompts from the held-out "
+                        "end of data/tinyshakespeare.txt, decoded one after another at batch 1 (default 8)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers reference")
     p.add_argument("--mtp-only", action="store_true", help="only the MTP section")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -313,7 +347,13 @@ def main(argv=None):
             m2.load_state_dict(model.state_dict())
             cases.append((f"{args.preset} preset, constructed agreeing MTP (not trained)", aligned_mtp(m2.to(dtype))))
         rows = []
-        prompt = prompts[:1]
+        # a trained model is measured on text like its training data (random ids would make it
+        # continue from noise); each round decodes every prompt, one at a time
+        text_prompts = corpus_prompts(folder, args.mtp_prompts, args.prompt_len) if trained else None
+        prompt = text_prompts or prompts[:1]
+        src = "held-out text of data/tinyshakespeare.txt" if text_prompts else "random token ids"
+        res["mtp_prompts"] = f"{len(prompt)} x {len(prompt[0])} tokens, {src}"
+        print(f"MTP prompts: {res['mtp_prompts']}", file=sys.stderr)
         for label, m in cases:
             e_plain = Engine(m, eos_token_id=None)
             # a frequency-ranked draft vocabulary means nothing to the constructed model (its tokens
@@ -326,10 +366,10 @@ def main(argv=None):
             plain, spec = [], [[] for _ in engines]
             acc, tau = [[] for _ in engines], [[] for _ in engines]
             for r in range(args.rounds):
-                plain.append(engine_decode(e_plain, prompt, args.new_tokens))
+                plain.append(sequential_decode(e_plain, prompt, args.new_tokens))
                 for i, e in enumerate(engines):
                     before = e.stats().spec
-                    spec[i].append(engine_decode(e, prompt, args.new_tokens))
+                    spec[i].append(sequential_decode(e, prompt, args.new_tokens))
                     after = e.stats().spec
                     acc[i].append((after.accepted - before.accepted) / max(1, after.drafted - before.drafted))
                     tau[i].append(1 + (after.accepted - before.accepted) / max(1, after.steps - before.steps))
@@ -346,7 +386,7 @@ def main(argv=None):
                 res.setdefault("mtp", []).append(dict(model=label, draft=dv_label, acceptance=a_,
                                                       mean_accepted_length=t_, plain_tokens_s=p_,
                                                       spec_tokens_s=s_, speedup=speedup, verify_cost=cost))
-        print("\n## MTP speculative decoding, batch 1 (greedy)\n")
+        print(f"\n## MTP speculative decoding, batch 1 (greedy; prompts: {res['mtp_prompts']})\n")
         print(table(["model", "draft", "acceptance", "tokens / verify", "verify step / plain step", "plain tokens/s",
                      "MTP tokens/s", "speed-up"], rows))
     if args.json:
