@@ -340,7 +340,7 @@ def test_failed_op_refuses_later_calls_and_ends_the_job(checkpoint, tmp_path):
     (dict(tp=2, ep=2), None, "--tp and --ep together"),
     (dict(tp=2), None, "launch it under torchrun with 2 processes"),
     (dict(ep=2), "4", "got a world size of 4"),
-    (dict(), "2", "needs --tp 2, --ep 2 or --pp 2"),
+    (dict(), "2", "needs --tp 2, --ep 2, --pp 2 or --dp 2"),
 ])
 def test_serve_flags_refused(kw, env, text, monkeypatch, tmp_path):
     if env is None:

@@ -134,8 +134,8 @@ def test_generate_tp2_equals_one_process(single, capsys):
 
 def test_serve_parallel_flags_are_checked(single, capsys):
     for args, text in ((["--tp", "2"], "--tp 2: launch it under torchrun with 2 processes"),
-                       (["--pp", "2"], "pipeline-parallel serving is not supported"),
-                       (["--dp", "2"], "data-parallel serving is not supported")):
+                       (["--pp", "2"], "pipeline-parallel serving is not supported in a single process"),
+                       (["--dp", "2"], "data-parallel serving is not supported in one process")):
         assert main(["serve", "--model", str(single / "latest"), *args]) == 2
         assert text in capsys.readouterr().err
 

@@ -250,7 +250,7 @@ def test_serve_pp2_under_torchrun_answers_like_one_process(served):
     ("generate", ["--pp", "4"], "4", "the model has 3 decoder layers, fewer than the 4 pipeline stages"),
     ("generate", ["--pp", "2"], "3", "--pp 2: launch it under torchrun with 2 processes .* got a world size of 3"),
     ("generate", ["--dp", "2"], "2", "--dp: dsv3 generate serves one prompt"),
-    ("generate", [], "2", "dsv3 generate under torchrun \\(2 processes\\) needs --tp 2, --ep 2 or --pp 2"),
+    ("generate", [], "2", "dsv3 generate under torchrun \\(2 processes\\) needs --tp 2, --ep 2, --pp 2 or --dp 2"),
     ("serve", ["--pp", "2", "--tp", "2"], "4", "--pp with --tp is not supported by dsv3 serve"),
     ("serve", ["--pp", "2"], None, "--pp 2: pipeline-parallel serving is not supported in a single process"),
 ])

@@ -63,6 +63,36 @@ class QueueFull(RequestRejected):
         super().__init__(message, "queue_full")
 
 
+def check_request(prompt, params, vocab_size: int, max_model_len: int, block_size: int, usable_blocks: int):
+    """Validate a request against the engine's limits -> (prompt ids, params, max new tokens).
+    ValueError for malformed input, RequestRejected for a request that does not fit (counted by the
+    caller). Shared by Engine and the data-parallel front end (dsv3.infer.replicas)."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    params.validate(vocab_size)
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    n = len(prompt)
+    if n >= max_model_len:
+        raise RequestRejected(f"the prompt has {n} tokens; the context length is {max_model_len}", "prompt_too_long")
+    max_new = max_model_len - n if params.max_new_tokens is None else params.max_new_tokens
+    if n + max_new > max_model_len:
+        raise RequestRejected(f"prompt ({n} tokens) + max_new_tokens ({max_new}) exceeds the context length "
+                              f"{max_model_len}", "prompt_too_long")
+    need = math.ceil((n + max_new + 1) / block_size)  # +1: the slot of a draft being verified
+    if need > usable_blocks:
+        raise RequestRejected(f"the request needs {need} cache blocks of {block_size} tokens "
+                              f"({n} prompt + {max_new} new tokens) but the cache holds {usable_blocks}",
+                              "too_large_for_cache")
+    return prompt, params, max_new
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -297,34 +327,12 @@ class Engine:
 
     # ------------------------------------------------------------------ requests in and out
     def _make_request(self, prompt, params, request_id, stop_checker, on_output) -> Request:
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        V = self.cfg.vocab_size
-        params.validate(V)
-        if hasattr(prompt, "tolist"):
-            prompt = prompt.tolist()
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("the prompt needs at least one token")
-        if any(not 0 <= t < V for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {V})")
-        n = len(prompt)
-        if n >= self.max_model_len:
+        try:
+            prompt, params, max_new = check_request(prompt, params, self.cfg.vocab_size, self.max_model_len,
+                                                    self.block_size, self.alloc.usable)
+        except RequestRejected:
             self._rejected += 1
-            raise RequestRejected(f"the prompt has {n} tokens; the context length is {self.max_model_len}",
-                                  "prompt_too_long")
-        max_new = self.max_model_len - n if params.max_new_tokens is None else params.max_new_tokens
-        if n + max_new > self.max_model_len:
-            self._rejected += 1
-            raise RequestRejected(f"prompt ({n} tokens) + max_new_tokens ({max_new}) exceeds the context length "
-                                  f"{self.max_model_len}", "prompt_too_long")
-        need = math.ceil((n + max_new + 1) / self.block_size)  # +1: the slot of a draft being verified
-        if need > self.alloc.usable:
-            self._rejected += 1
-            raise RequestRejected(f"the request needs {need} cache blocks of {self.block_size} tokens "
-                                  f"({n} prompt + {max_new} new tokens) but the cache holds {self.alloc.usable}",
-                                  "too_large_for_cache")
+            raise
         stop_ids = set(params.stop_token_ids)
         if self.eos_token_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_token_id)

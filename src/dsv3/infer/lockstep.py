@@ -507,8 +507,8 @@ def check_parallel_args(args, command: str) -> bool:
     size = tp * ep * pp
     if size == 1:
         if world > 1:
-            raise ValueError(f"dsv3 {command} under torchrun ({world} processes) needs --tp {world}, --ep {world} or "
-                             f"--pp {world}")
+            raise ValueError(f"dsv3 {command} under torchrun ({world} processes) needs --tp {world}, --ep {world}, "
+                             f"--pp {world} or --dp {world}")
         return False
     flag = "tp" if tp > 1 else "ep" if ep > 1 else "pp"
     if world != size:

@@ -953,8 +953,9 @@ def configure(p: argparse.ArgumentParser):
                    help="uvicorn log level")
     from dsv3.parallel.dist import add_parallel_arguments
 
-    # `torchrun --nproc-per-node N -m dsv3 serve ... --tp N` (or --ep N): rank 0 runs the engine and the
-    # server, the other ranks replay its forwards (dsv3.infer.lockstep); --dp/--pp are refused
+    # `torchrun --nproc-per-node N -m dsv3 serve ... --tp N` (or --ep N, --pp N): rank 0 runs the engine and
+    # the server, the other ranks replay its forwards (dsv3.infer.lockstep); --dp N: N whole-model
+    # replicas behind rank 0's server (dsv3.infer.replicas)
     add_parallel_arguments(p)
 
 
@@ -1025,7 +1026,10 @@ def run(args):
     from dsv3.infer import lockstep
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    if lockstep.check_serve_args(args):  # --tp N / --ep N under torchrun (ValueError for --dp/--pp)
+    if getattr(args, "dp", None) not in (None, 1):  # --dp N under torchrun: N whole-model replicas, one front end
+        from dsv3.infer.replicas import serve_dp
+        return serve_dp(args)
+    if lockstep.check_serve_args(args):  # --tp N / --ep N / --pp N under torchrun (ValueError otherwise)
         return lockstep.serve_parallel(args, lambda model: _serve(args, model))
     return _serve(args, None)
 
