@@ -134,13 +134,22 @@ class Pipeline:
     stage at its end (`sync_mirror_grads`). False: each copy keeps the gradient of the micro-batches
     it ran, for a caller that reduces shared parameters itself (dsv3.train.pipeline_train sums every
     parameter over all the ranks holding it, the DualPipe copies and the embedding the last stage's
-    MTP shares with the first stage alike)."""
+    MTP shares with the first stage alike).
+    accumulate(params, grads): where the weight gradients of one (chunk, micro-batch) go; default:
+    added into p.grad. A mixed-precision trainer passes one that adds them, in fp32, into its fp32
+    master copies (dsv3.train.pipeline_train under --dtype bf16), so that the sum over micro-batches
+    is taken in fp32 as the single-process trainer takes it. DualPipe's own mirror exchange reads
+    p.grad: a custom `accumulate` needs sync_mirrors=False."""
 
     def __init__(self, kind: str, chunks: Sequence[nn.Module], *, loss_fn: Callable, p2p_shape: Sequence[int],
                  p2p_dtype: torch.dtype = torch.float32, group: dist.ProcessGroup | None = None,
-                 device: torch.device | str | None = None, sync_mirrors: bool = True):
+                 device: torch.device | str | None = None, sync_mirrors: bool = True,
+                 accumulate: Callable | None = None):
         if not dist.is_initialized():
             raise ValueError("Pipeline needs torch.distributed to be initialised (init_process_group)")
+        if accumulate is not None and kind == "dualpipe" and sync_mirrors:
+            raise ValueError("Pipeline: a custom `accumulate` with dualpipe needs sync_mirrors=False (the mirror "
+                             "exchange sums p.grad, which the custom accumulation does not fill)")
         self.kind = kind
         self.group = group
         self.pp = dist.get_world_size(group)
@@ -156,6 +165,7 @@ class Pipeline:
             (p.device for c in chunks for p in c.parameters()), torch.device("cpu"))
         self._schedules: dict[int, list[Op]] = {}
         self.sync_mirrors = sync_mirrors
+        self._accumulate = accumulate
 
     # -- helpers
     def _global(self, rank: int) -> int:
@@ -240,6 +250,9 @@ class Pipeline:
             return remote("B", c, mb)
 
         def accumulate(ps, grads):
+            if self._accumulate is not None:
+                self._accumulate(ps, grads)
+                return
             for p, g in zip(ps, grads):
                 if g is None:
                     continue

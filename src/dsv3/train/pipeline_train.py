@@ -2,6 +2,7 @@
 
   torchrun --nproc-per-node 2 -m dsv3 train --data FILE --out DIR --pp 2 --pp-schedule dualpipev
   torchrun --nproc-per-node 4 -m dsv3 train --data FILE --out DIR --pp 2 --dp 2 --micro-batch-size 2
+  torchrun --nproc-per-node 4 -m dsv3 train --data FILE --out DIR --pp 2 --ep 2 --pp-schedule dualpipev
 
 The recipe is the one of dsv3.train.trainer (CE + lambda * MTP loss, aux-free bias updates on the
 loads of the whole step, sequence-wise balance loss, global-norm clipping, AdamW, the LR and
@@ -40,14 +41,39 @@ Expert loads of the step are counted on each stage for its layers, summed over t
 (stage, micro-batch) forward runs on exactly one rank) and over the data-parallel replicas, then
 every holder of a layer updates its bias with the same global loads.
 
+Expert parallelism (--ep M; the paper trains with 16-way PP, 64-way EP spanning 8 nodes and DP,
+§3.2). The world is pp x dp x ep ranks in dsv3.parallel.dist's layout; the ranks of one pipeline
+stage form its dense
+group (dp x ep ranks, each with its own slice of the global batch) and, inside it, EP groups that
+share the stage's routed experts (dsv3.parallel.expert: expert e of a layer lives on EP rank
+e // (E / ep), tokens travel with all_to_all_single). Every rank of an EP group holds the same
+stages, and the schedule of a pipeline rank depends only on (schedule, pp, pipeline rank,
+micro-batches), so the EP ranks of a stage run the same forwards, backwards and W ops in the same
+order, micro-batch after micro-batch, and their all-to-alls pair up, DualPipe's and DualPipeV's two
+interleaved directions included (both chunks of a rank are expert-parallel over the same group;
+a W op re-walks the graph through the dispatch/combine and so runs their backward all-to-alls,
+on every EP rank of the stage at the same point of the schedule). Point-to-point messages go to the
+same (dp, ep) coordinates of the neighbouring stage. Gradients: a local expert's gradient is that of
+the sum of its EP group's losses, scaled by 1/ep (LocalExperts.grad_scale) into their mean, then
+averaged over the dp ranks holding the same shard; every other parameter is averaged over the
+stage's dense group; both as dsv3.parallel.data does without the pipeline. The step's expert loads
+are summed over the pipeline and the dense group. Checkpoints gather each expert stack over its EP
+group first (weights and AdamW moments), so the folder and the optimizer state are still the
+single-process ones, and a resume re-slices them for any ep.
+
+Precision (--dtype bf16): as dsv3.train.trainer: the stages run a bf16 copy of the model (bf16
+activations and gradients travel between stages), the weight gradients of every (chunk,
+micro-batch) are added in fp32 into the fp32 master weights, which the optimizer updates and which
+are rounded into the bf16 copy after each step; the router bias is one fp32 buffer for both.
+
 Checkpoints: ONE HF folder, as a single process writes it. Rank 0 gathers the stage weights
 (`full_master`) and the optimizer state, which it writes in the single-process layout (AdamW state
 indexed as `build_optimizer` on the full model indexes it), so `--resume` works under any layout:
 the same pipeline, another schedule, or one process.
 
-Not supported (refused with a ValueError before any work): --ep/--tp with --pp, FSDP (--dp-mode
+Not supported (refused with a ValueError before any work): --tp with --pp, FSDP (--dp-mode
 fsdp) with --pp (the stages' backward runs through torch.autograd.grad, which FSDP2's hooks do not
-follow; the dp replicas hold full copies of their stage and all-reduce gradients), bf16, --compile,
+follow; the dp replicas hold full copies of their stage and all-reduce gradients), --compile,
 --fp8, tied embeddings.
 """
 from __future__ import annotations
@@ -67,11 +93,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from dsv3.config import ModelConfig
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.expert import LocalExperts, apply_expert_parallel
 from dsv3.parallel.pipeline import Pipeline, local_chunks, stage_layers
 from dsv3.parallel.schedules import KINDS, Layout
 from dsv3.train.balance import count_loads, expert_aux_loss, max_violation, sequence_balance_loss
 from dsv3.train.optim import batch_size_at, build_lr_scheduler, build_optimizer
-from dsv3.train.trainer import TrainConfig, Trainer, lm_loss
+from dsv3.train.trainer import DTYPES, TrainConfig, Trainer, lm_loss, moe_layers
 
 __all__ = ["PipelineTrainer", "TrainStage", "add_pipeline_arguments", "check_pipeline_options",
            "pipeline_micro_batch", "train_stage_layers"]
@@ -110,7 +137,8 @@ def pipeline_micro_batch(cfg: TrainConfig, kind: str, pp: int, dp: int) -> int:
     """Sequences per micro-batch. Every micro-batch of a pipeline has one shape (receives are posted
     before the data exists), so the batch sizes must split into whole micro-batches on every
     data-parallel rank, in numbers the schedule accepts. Default: the smallest batch of the run
-    (the ramp's start) in 2 * PP micro-batches per data-parallel rank."""
+    (the ramp's start) in 2 * PP micro-batches per data-parallel rank. `dp`: the ranks with
+    distinct data in one stage (dp x ep: expert parallelism borrows its ranks from data parallelism)."""
     start = cfg.batch_size_start or cfg.batch_size
     if cfg.micro_batch_size is not None:
         mb = cfg.micro_batch_size
@@ -140,16 +168,15 @@ def _check_recipe(pp: int, ep: int, tp: int, dp_mode: str | None, tcfg: TrainCon
     if tp != 1:
         raise ValueError("--tp: tensor parallelism is for inference only (the paper trains without TP); use --pp "
                          "with --dp for dsv3 train")
-    if ep != 1:
-        raise ValueError(f"--ep {ep} with --pp {pp} is not supported yet: pipeline stages run their experts locally; "
-                         f"combine --pp with --dp")
+    has_moe = any(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
+    if ep != 1 and has_moe and model_cfg.n_routed_experts % ep:
+        raise ValueError(f"--ep {ep}: the model's {model_cfg.n_routed_experts} routed experts do not divide over "
+                         f"{ep} expert-parallel ranks")
     if dp_mode == "fsdp":
         raise ValueError("--dp-mode fsdp with --pp is not supported: the pipeline's backward runs through "
                          "torch.autograd.grad, which FSDP2's gradient hooks do not follow; under --pp the "
                          "data-parallel replicas hold full copies of their stage (--dp-mode replicate, the default "
                          "there)")
-    if tcfg.dtype != "fp32":
-        raise ValueError(f"--dtype {tcfg.dtype} with --pp is not supported yet: use --dtype fp32")
     if tcfg.compile:
         raise ValueError("--compile with --pp is not supported yet")
     if fp8:
@@ -177,13 +204,17 @@ def check_pipeline_options(args, tcfg: TrainConfig, model_cfg: ModelConfig, fp8:
         raise ValueError(f"--pp {pp} --pp-schedule {kind}: {e}") from None
     train_stage_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, n_stages)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = args.dp if args.dp is not None else max(1, world // pp)
+    ep = args.ep
+    if not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"--ep must be a positive integer, got {ep!r}")
+    dp = args.dp if args.dp is not None else max(1, world // (pp * ep))
     if dp < 1:
         raise ValueError(f"--dp must be a positive integer, got {dp}")
-    pipeline_micro_batch(tcfg, kind, pp, dp)
+    pipeline_micro_batch(tcfg, kind, pp, dp * ep)
     if world == 1:
-        raise ValueError(f"--pp {pp} runs one pipeline stage per process: launch it under torchrun with dp x pp "
-                         f"processes, e.g. torchrun --nproc-per-node {dp * pp} -m dsv3 train ... --pp {pp}")
+        ep_flag = f" --ep {ep}" if ep > 1 else ""
+        raise ValueError(f"--pp {pp} runs one pipeline stage per process: launch it under torchrun with dp x ep x pp "
+                         f"processes, e.g. torchrun --nproc-per-node {dp * ep * pp} -m dsv3 train ... --pp {pp}{ep_flag}")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -322,17 +353,32 @@ class TrainStage(nn.Module):
         return nats, mtp_nats, counts
 
 
-def _prune(model: Transformer, chunks) -> None:
-    """Drop the modules of `model` that none of this rank's stages uses; what is left keeps the
-    full model's names (its state_dict is this rank's part of the checkpoint)."""
+def _kept(model: Transformer, chunks) -> set[str]:
+    """Names of the top-level pieces of `model` ("embed", "layers.3", "mtp.0", ...) that this rank's
+    stages use."""
     keep = {id(m) for c in chunks for m in c.modules()}
+    names = {name for name in ("embed", "norm", "head") if id(getattr(model, name)) in keep}
+    for prefix, seq in (("layers", model.layers), ("mtp", model.mtp)):
+        names |= {f"{prefix}.{i}" for i, m in enumerate(seq) if id(m) in keep}
+    return names
+
+
+def _prune(model: Transformer, kept: set[str]) -> None:
+    """Drop the pieces of `model` not in `kept` (from _kept, on this model or on its bf16 twin); what
+    is left keeps the full model's names (its state_dict is this rank's part of the checkpoint)."""
     for name in ("embed", "norm", "head"):
-        if id(getattr(model, name)) not in keep:
+        if name not in kept:
             setattr(model, name, None)
-    for seq in (model.layers, model.mtp):
+    for prefix, seq in (("layers", model.layers), ("mtp", model.mtp)):
         for i in range(len(seq)):
-            if id(seq[i]) not in keep:
+            if f"{prefix}.{i}" not in kept:
                 seq[i] = nn.Identity()
+
+
+def _expert_names(model: nn.Module) -> set[str]:
+    """Parameter names of the expert-parallel (sharded) routed experts."""
+    return {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, LocalExperts)
+            for pn, _ in m.named_parameters(recurse=False)}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -351,63 +397,91 @@ class PipelineTrainer(Trainer):
         _check_recipe(ctx.sizes["pp"], ctx.sizes["ep"], ctx.sizes["tp"], None, cfg, model_cfg, prepare is not None)
         cfg.validate(model_cfg)
         self.kind = ctx.pp_schedule
-        self.pp, self.pp_rank, self.dp = ctx.sizes["pp"], ctx.coords["pp"], ctx.sizes["dp"]
-        self.micro = pipeline_micro_batch(cfg, self.kind, self.pp, self.dp)
+        self.pp, self.pp_rank, self.dp, self.ep = ctx.sizes["pp"], ctx.coords["pp"], ctx.sizes["dp"], ctx.sizes["ep"]
+        self.data = ctx.data_size  # ranks of a stage with their own slice of the batch: dp x ep
+        self.micro = pipeline_micro_batch(cfg, self.kind, self.pp, self.data)
         # batch sizes of the ramp in whole micro-batches on every data-parallel rank (DualPipe: pairs)
-        self._unit = self.micro * self.dp * (2 if self.kind == "dualpipe" else 1)
-        # The full model from the seed, exactly as one process builds it; then cut into stages.
+        self._unit = self.micro * self.data * (2 if self.kind == "dualpipe" else 1)
+        # The full model from the seed, exactly as one process builds it (and its bf16 twin under
+        # --dtype bf16); then its experts sharded over the EP group and the whole cut into stages.
         super().__init__(model_cfg, cfg, train_data, model=model, parallel=None, prepare=None)
         self.ctx = ctx
         self.pp_group = ctx.group("pp")
-        full = self.master
+        master, compute = self.master, self.model  # the same module under fp32
         self._names = [name for name, _ in self.layers]  # every MoE layer of the model: the loads' rows
+        if self.ep > 1:
+            # the same expert slices on both copies; the EP layer reuses the gate (and its fp32 bias
+            # buffer, shared by the bf16 twin) and keeps record_routing
+            for m in ((master,) if compute is master else (master, compute)):
+                apply_expert_parallel(m, ctx.group("ep"), fp8_dispatch=ctx.fp8_dispatch)
+            for m in compute.modules():
+                if isinstance(m, LocalExperts):
+                    # the gradient of a local expert sums the losses of the whole EP group: 1/ep makes
+                    # it their mean, as dsv3.parallel.data does (dp then averages the replicas)
+                    m.grad_scale = 1.0 / self.ep
+            self.layers = moe_layers(compute)
+            assert [n for n, _ in self.layers] == self._names
         n_stages = Layout(self.kind, self.pp, 2 * self.pp).n_stages
         self.stage_ranges = train_stage_layers(model_cfg.num_hidden_layers, self.depth, n_stages)
         self.settings = _StepSettings(cfg.seq_len, cfg.balance, cfg.seq_alpha, cfg.aux_alpha)
-        stages = [TrainStage(full, i, n_stages, r, self._names, self.settings) for i, r in enumerate(self.stage_ranges)]
-        pname = {id(p): n for n, p in full.named_parameters()}
+        stages = [TrainStage(compute, i, n_stages, r, self._names, self.settings)
+                  for i, r in enumerate(self.stage_ranges)]
+        pname = {id(p): n for n, p in compute.named_parameters()}
         held = [{pname[id(p)] for c in local_chunks(self.kind, self.pp, q, stages) for p in c.parameters()}
                 for q in range(self.pp)]
         self.chunks = local_chunks(self.kind, self.pp, self.pp_rank, stages)
         del stages
-        _prune(full, self.chunks)
+        kept = _kept(compute, self.chunks)
+        for m in {id(master): master, id(compute): compute}.values():
+            _prune(m, kept)
         owned = {id(m) for c in self.chunks for _, m in c.moes + c.mtp_moes}
         self.layers = [(n, m) for n, m in self.layers if id(m) in owned]  # this rank's MoE layers
         self._rows = [(self._names.index(n), m) for n, m in self.layers]
-        self.params = list(full.named_parameters())
+        self.params = list(master.named_parameters())  # what the optimizer updates (fp32)
+        if compute is not master:
+            by_name = dict(self.params)
+            self._pairs = [(p, by_name[n]) for n, p in compute.named_parameters()]
+            assert len(self._pairs) == len(self.params)
+        self._master_of = {id(p): q for p, q in self._pairs}
+        self._experts = _expert_names(master)  # sharded over ep: reduced over dp only
         holders = {n: tuple(q for q in range(self.pp) if n in held[q]) for n in pname.values()}
         assert set(n for n, _ in self.params) == held[self.pp_rank]
         # the gradient norm counts each parameter once: on its first holder
-        self._norm_params = [p for n, p in self.params if holders[n][0] == self.pp_rank]
+        self._norm_params = [(n, p) for n, p in self.params if holders[n][0] == self.pp_rank]
         self._shared = self._shared_groups(holders)
-        self.optimizer = build_optimizer(full, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+        self.optimizer = build_optimizer(master, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
         self.scheduler = build_lr_scheduler(
             self.optimizer, cfg.steps, cfg.resolved_warmup(), constant_until=cfg.constant_until,
             decay_until=cfg.decay_until, tail_switch_at=cfg.tail_switch_at,
             min_lr_fraction=cfg.min_lr_fraction, last_lr_fraction=cfg.last_lr_fraction,
         )
         last = [c for c in self.chunks if c.last]
+        self.act_dtype = DTYPES[cfg.dtype]  # what travels between stages: the compute dtype
         self.pipe = Pipeline(self.kind, self.chunks, loss_fn=last[0].loss if last else _no_loss,
-                             p2p_shape=(self.micro, cfg.seq_len, model_cfg.hidden_size), p2p_dtype=torch.float32,
-                             group=self.pp_group, device=ctx.device, sync_mirrors=False)
+                             p2p_shape=(self.micro, cfg.seq_len, model_cfg.hidden_size), p2p_dtype=self.act_dtype,
+                             group=self.pp_group, device=ctx.device, sync_mirrors=False,
+                             accumulate=self._accumulate_master if self._pairs else None)
         layers = " | ".join(f"{r.start}-{r.stop - 1}" if len(r) else "-" for r in self.stage_ranges)
         if ctx.is_main:
-                print(f"pipeline: {self.kind} over {self.pp} ranks x dp {self.dp}, {n_stages} stages (layers {layers}; "
-                  f"embedding on the first, norm + head + {self.depth} MTP on the last), micro-batches of {self.micro}")
+            print(f"pipeline: {self.kind} over {self.pp} ranks x dp {self.dp} x ep {self.ep}, {n_stages} stages "
+                  f"(layers {layers}; embedding on the first, norm + head + {self.depth} MTP on the last), "
+                  f"micro-batches of {self.micro}, {cfg.dtype}")
 
     # ---- layout helpers ----
     @property
     def layer_names(self) -> list[str]:
         return list(self._names)
 
-    def _global(self, pp_rank: int, dp_rank: int | None = None) -> int:
-        # dsv3.parallel.dist's layout: rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i, ep = tp = 1 here
+    def _global(self, pp_rank: int, dp_rank: int | None = None, ep_rank: int | None = None) -> int:
+        # dsv3.parallel.dist's layout: rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i, tp = 1 here
         dp_rank = self.ctx.coords["dp"] if dp_rank is None else dp_rank
-        return pp_rank * self.dp + dp_rank
+        ep_rank = self.ctx.coords["ep"] if ep_rank is None else ep_rank
+        return (pp_rank * self.dp + dp_rank) * self.ep + ep_rank
 
     def _shared_groups(self, holders: dict) -> list:
         """[(params, process group)] for the parameters several pipeline ranks hold. new_group is
-        collective over the world: every rank creates the groups of every dp replica, in one order."""
+        collective over the world: every rank creates the groups of every (dp, ep) coordinate, in
+        one order."""
         sets = sorted({h for h in holders.values() if len(h) > 1})
         mine = dict(self.params)
         out = []
@@ -417,12 +491,26 @@ class PipelineTrainer(Trainer):
                 group = self.pp_group
             else:
                 for d in range(self.dp):
-                    g = dist.new_group([self._global(q, d) for q in h])
-                    if d == self.ctx.coords["dp"]:
-                        group = g
+                    for e in range(self.ep):
+                        g = dist.new_group([self._global(q, d, e) for q in h])
+                        if (d, e) == (self.ctx.coords["dp"], self.ctx.coords["ep"]):
+                            group = g
             if self.pp_rank in h:
                 out.append(([mine[n] for n, hs in holders.items() if hs == h], group))
         return out
+
+    @torch.no_grad()
+    def _accumulate_master(self, params, grads) -> None:
+        """bf16: the weight gradients of one (chunk, micro-batch), added in fp32 into the master's
+        .grad (the single-process trainer's _accumulate_master_grads, per micro-batch)."""
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            q = self._master_of[id(p)]
+            if q.grad is None:
+                q.grad = g.float()
+            else:
+                q.grad.add_(g.float())
 
     def batch_size(self, step: int | None = None) -> int:
         cfg = self.cfg
@@ -473,6 +561,10 @@ class PipelineTrainer(Trainer):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._pairs:
+            with torch.no_grad():
+                for p, q in self._pairs:
+                    p.copy_(q)  # round the fp32 master into the bf16 stages
         if loads is not None and self.ctx.data_size > 1:
             loads = self.ctx.global_loads(loads)  # the global batch: summed over the dp replicas
         # every holder of a layer (DualPipe's two copies) applies the same bias update
@@ -510,33 +602,47 @@ class PipelineTrainer(Trainer):
 
     @torch.no_grad()
     def _reduce_gradients(self):
-        """Mean over the data-parallel replicas (each rank's loss is the mean over its slice), then
-        the sum over the pipeline ranks that hold the same parameter (the shared embedding, DualPipe's
-        stage copies): every holder ends with the full gradient of the global mean loss."""
-        params = [p for _, p in self.params]
-        for p in params:
+        """Mean over the data-parallel ranks of the stage (each rank's loss is the mean over its
+        slice): the non-expert parameters over the dense group (dp x ep), the expert shards over
+        the dp ranks holding the same shard (their gradient is already the mean over the EP group,
+        LocalExperts.grad_scale); then the sum over the pipeline ranks that hold the same parameter
+        (the shared embedding, DualPipe's stage copies): every holder ends with the full gradient
+        of the global mean loss."""
+        for _, p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        dense = [p for n, p in self.params if n not in self._experts]
+        experts = [p for n, p in self.params if n in self._experts]
         todo = []
-        if self.dp > 1:
-            todo.append((params, self.ctx.group("dp"), 1.0 / self.dp))
+        if self.data > 1 and dense:
+            todo.append((dense, self.ctx.group("dense"), self.data))
+        if self.dp > 1 and experts:
+            todo.append((experts, self.ctx.group("dp"), self.dp))
         todo += [(ps, g, None) for ps, g in self._shared]
-        for ps, group, scale in todo:
+        for ps, group, n in todo:
             grads = [p.grad for p in ps]
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=group)
-            if scale is not None:
-                flat /= self.dp
+            if n is not None:
+                flat /= n
             for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(r)
 
     @torch.no_grad()
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ on the whole model's gradient: each parameter counted once
-        (on its first holder), squares summed over the pipeline ranks."""
+        (on its first pipeline holder; an expert shard on each EP rank, since they hold different
+        experts), squares summed over the EP group (experts) and the pipeline ranks."""
         sq = torch.zeros((), dtype=torch.float64)
-        for p in self._norm_params:
-            sq += p.grad.double().pow(2).sum().cpu()
+        sq_experts = torch.zeros((), dtype=torch.float64)
+        for n, p in self._norm_params:
+            if n in self._experts:
+                sq_experts += p.grad.double().pow(2).sum().cpu()
+            else:
+                sq += p.grad.double().pow(2).sum().cpu()
+        if self.ep > 1:
+            dist.all_reduce(sq_experts, group=self.ctx.group("ep"))
+        sq += sq_experts
         dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt().float()
         coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
@@ -573,7 +679,7 @@ class PipelineTrainer(Trainer):
                 elif h is not None:
                     x = h
                 else:
-                    x = torch.empty(B, S, self.model_cfg.hidden_size, dtype=torch.float32, device=self.device)
+                    x = torch.empty(B, S, self.model_cfg.hidden_size, dtype=self.act_dtype, device=self.device)
                     dist.recv(x, src=self._global(layout.where(s - 1, 0)[0]), group=self.pp_group)
                 h = stage(x)
                 (_, stage_counts), = stage.records
@@ -620,18 +726,37 @@ class PipelineTrainer(Trainer):
 
     # ---- checkpoints: one full HF folder and the single-process trainer state, on rank 0 ----
     def _gather_to_main(self, obj):
-        """gather_object over this rank's pipeline group onto global rank 0; only the replica of
-        rank 0 (dp coordinate 0) takes part. Returns the list on rank 0, None elsewhere."""
-        if self.ctx.coords["dp"] != 0:
+        """gather_object over this rank's pipeline group onto global rank 0; only the ranks of rank
+        0's (dp, ep) coordinates take part. Returns the list on rank 0, None elsewhere."""
+        if self.ctx.coords["dp"] != 0 or self.ctx.coords["ep"] != 0:
             return None
         parts = [None] * self.pp if self.ctx.is_main else None
         dist.gather_object(obj, parts, dst=0, group=self.pp_group)
         return parts
 
+    def _full_expert_stack(self, t: torch.Tensor) -> torch.Tensor:
+        """This EP rank's slice (dim 0) of an expert stack, or of its AdamW moments -> all experts:
+        EP rank r holds experts [r E/ep, (r+1) E/ep) (apply_expert_parallel without a placement).
+        Collective over the EP group."""
+        parts = [torch.empty_like(t) for _ in range(self.ep)]
+        dist.all_gather(parts, t.contiguous(), group=self.ctx.group("ep"))
+        return torch.cat(parts, dim=0)
+
+    def _local_expert_slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The inverse for loading: this EP rank's experts of a full stack (or moment) `name`."""
+        kind, ids = self.master.shard_plan[name]
+        assert kind == "experts", (name, kind)
+        return t.index_select(0, torch.as_tensor(ids, dtype=torch.long, device=t.device))
+
     def full_master(self) -> Transformer | None:
         """The master weights as one single-device Transformer on rank 0 (None elsewhere); collective.
         Tensors several ranks hold (the MTP's embedding, DualPipe's copies) must be bit-identical."""
-        mine = {k: v.detach().cpu().clone() for k, v in self.master.state_dict().items()}
+        mine = {}
+        for k, v in self.master.state_dict().items():  # one order on every rank of an EP group
+            v = v.detach()
+            if self.ep > 1 and k in self._experts:
+                v = self._full_expert_stack(v)
+            mine[k] = v.cpu().clone()
         parts = self._gather_to_main(mine)
         if parts is None:
             return None
@@ -661,11 +786,22 @@ class PipelineTrainer(Trainer):
         """Trainer.state_dict with the optimizer state of all stages, in the single-process layout
         (rank 0; None on the other ranks). Collective."""
         state = super().state_dict()
-        pname = {id(p): n for n, p in self.params}
-        norm_ids = {id(p) for p in self._norm_params}
+        opt_state = {}
+        for n, p in self._norm_params:  # one order on every rank of an EP group (the gathers pair up)
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue  # no step yet (the same on every rank)
+            entry = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    v = v.detach()
+                    if self.ep > 1 and n in self._experts and v.dim() > 0:
+                        v = self._full_expert_stack(v)  # exp_avg / exp_avg_sq of all experts
+                    v = v.cpu().clone()
+                entry[k] = v
+            opt_state[n] = entry
         mine = {
-            "state": {pname[id(p)]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
-                      for p, st in self.optimizer.state.items() if id(p) in norm_ids},
+            "state": opt_state,
             "groups": {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups},
         }
         parts = self._gather_to_main(mine)
@@ -703,8 +839,15 @@ class PipelineTrainer(Trainer):
         missing = [k for k in own if k not in weights]
         if missing:
             raise ValueError(f"checkpoint weights do not fit the model: missing {missing[:5]}")
+        local = {k: self._local_expert_slice(k, weights[k]) if k in self._experts else weights[k] for k in own}
+        bad = [k for k in own if local[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"checkpoint weights do not fit the model: {bad[0]} has shape "
+                             f"{tuple(weights[bad[0]].shape)}")
         with torch.no_grad():
-            self.master.load_state_dict({k: weights[k] for k in own}, strict=True)
+            self.master.load_state_dict(local, strict=True)
+            for p, q in self._pairs:
+                p.copy_(q)  # bf16: the stages run the rounded master
         full = state["optimizer"]
         by_name = {g["name"]: g for g in full["param_groups"]}
         index = {}
@@ -713,17 +856,22 @@ class PipelineTrainer(Trainer):
                 raise ValueError("the checkpoint's optimizer state does not fit the model's parameter groups")
             index.update(zip(names, by_name[gname]["params"]))
         pname = {id(p): n for n, p in self.params}
-        local, groups, i = {}, [], 0
+        opt_local, groups, i = {}, [], 0
         for g in self.optimizer.param_groups:
             idx = []
             for p in g["params"]:
-                j = index[pname[id(p)]]
+                n = pname[id(p)]
+                j = index[n]
                 if j in full["state"]:
-                    local[i] = full["state"][j]
+                    st = full["state"][j]
+                    if n in self._experts:  # this EP rank's rows of the experts' moments
+                        st = {k: self._local_expert_slice(n, v) if torch.is_tensor(v) and v.dim() > 0 else v
+                              for k, v in st.items()}
+                    opt_local[i] = st
                 idx.append(i)
                 i += 1
             groups.append({**{k: v for k, v in by_name[g["name"]].items() if k != "params"}, "params": idx})
-        self.optimizer.load_state_dict({"state": local, "param_groups": groups})
+        self.optimizer.load_state_dict({"state": opt_local, "param_groups": groups})
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         if self.tracker is not None:
