@@ -36,9 +36,14 @@ def train_args(corpus, out, cache, *extra):
 
 def torchrun(nproc, args, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "dsv3", *args, "--dist-backend", "gloo"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "dsv3", *args, "--dist-backend", "gloo"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+        # free_port() closes its probe socket before torchrun binds the port: another test's gloo
+        # connections (ephemeral ports) can take it in between. Only that is retried.
+        if r.returncode == 0 or "address already in use" not in (r.stdout + r.stderr).lower():
+            break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
