@@ -117,3 +117,35 @@ def test_bytes_per_block_is_the_latent_only():
     cfg = preset("small")
     # (kv_lora_rank + qk_rope_head_dim) values per token per layer, 2 bytes in bf16
     assert PagedLatentCache.bytes_per_block(cfg, 16, 7, torch.bfloat16) == 7 * 16 * (128 + 32) * 2
+
+
+def test_absorbed_attention_reads_the_paged_latents_in_place():
+    """The paged cache returns kv and pe as the two halves of one gathered (B, L, C + R) tensor: the
+    absorbed attention scores them as that one view (no copy) and gets bit for bit what it gets from
+    two separate tensors (its torch.cat twin), and what the naive attention gets."""
+    from dsv3.model.mla import _joined
+
+    m = tiny(3)
+    cfg, bs, B = m.config, 4, 3
+    mla = m.layers[0].attn
+    g = torch.Generator().manual_seed(2)
+    cache = PagedLatentCache(cfg, num_blocks=12, block_size=bs, n_layers=cfg.num_hidden_layers)
+    tables = torch.tensor([[3, 7, 1], [2, 9, 0], [11, 4, 6]])
+    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    pos = torch.arange(9).expand(B, 9)
+    cache.bind(tables, pos)
+    cache.update(0, torch.randn(B, 9, C, generator=g), torch.randn(B, 9, R, generator=g), pos)
+    pos = torch.tensor([[9], [6], [9]])  # rows at different positions: row 1 masks its last slots
+    cache.bind(tables, pos)
+    kv, pe = cache.update(0, torch.randn(B, 1, C, generator=g), torch.randn(B, 1, R, generator=g), pos)
+    assert _joined(kv, pe).data_ptr() == kv.data_ptr()  # the view, not a copy
+    assert _joined(kv.clone(), pe.clone()).data_ptr() != kv.data_ptr()
+    q_nope = torch.randn(B, 1, H, cfg.qk_nope_head_dim, generator=g)
+    q_pe = torch.randn(B, 1, H, R, generator=g)
+    mask = torch.arange(10)[None, None, :] <= pos[:, :, None]
+    with torch.no_grad():
+        fast = mla._absorbed(q_nope, q_pe, kv, pe, mask)
+        twin = mla._absorbed(q_nope, q_pe, kv.clone(), pe.clone(), mask)
+        naive = mla._naive(q_nope, q_pe, kv, pe, mask)
+    assert torch.equal(fast, twin)
+    assert (fast - naive).abs().max() < 1e-5 * naive.abs().max()

@@ -1,6 +1,7 @@
 """The int8 screen of the output head (dsv3.infer.screen): its error bound holds against float64
 logits, its argmax is the fp32 argmax on weights and hidden states built to be hard (heavy tails,
-outlier features, exact ties, near-ties below the int8 resolution), and greedy decoding through it
+outlier features, exact ties, near-ties below the int8 resolution), with either int8 kernel (oneDNN's
+on an activation quantized by the screen, torch's dynamic one), and greedy decoding through it
 (dsv3.generate, the engine, MTP speculative decoding) gives exactly the tokens of the full fp32 head
 and of transformers."""
 import pytest
@@ -15,6 +16,7 @@ from hf_ref import YARN, make_v3
 from test_engine import greedy, rand_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(screen._engine() is None, reason="no quantized CPU engine in this torch build")
+KERNELS = ["dynamic"] + (["onednn"] if screen._onednn_linear() is not None else [])
 
 
 def weights(kind: str, V=6000, D=256, seed=0):
@@ -42,15 +44,17 @@ def hiddens(D=256, seed=1):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "scaled-rows", "low-rank"])
-def test_bound_holds_and_argmax_is_the_fp32_argmax(kind):
+def test_bound_holds_and_argmax_is_the_fp32_argmax(kind, kernel):
     w = weights(kind)
-    gh = GreedyHead(w)
+    gh = GreedyHead(w, kernel=kernel)
+    assert gh.kernel == kernel
     h = hiddens()
     exact = h.double() @ w.double().t()  # (N, V) the real-valued logits, to fp64 precision
     a, b = gh.approx(h), gh.bound(h)
     assert ((a.double() - exact).abs() <= b.double()).all()
-    assert (b.amax(dim=1) <= gh.err_l2_max * h.norm(dim=1) + gh.l1_max * gh._terms(h)[1] + 1e-12).all()
+    assert (b.amax(dim=1) <= gh.bound_max(h) * (1 + 1e-6)).all()
     want = torch.nn.functional.linear(h, w).argmax(dim=1)
     for r in range(0, h.shape[0], 3):  # one to three rows at a time, as decode and verify pass them
         assert torch.equal(gh.argmax(h[r:r + 3]), want[r:r + 3])
@@ -58,32 +62,48 @@ def test_bound_holds_and_argmax_is_the_fp32_argmax(kind):
     assert gh.candidates < gh.rows * w.shape[0] // 4  # the screen really screens
 
 
-def test_exact_ties_and_near_ties_below_the_int8_resolution():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_exact_ties_and_near_ties_below_the_int8_resolution(kernel):
     w = weights("gauss")
     h = torch.randn(1, 256, generator=torch.Generator().manual_seed(3))
     top = int((h @ w.t()).argmax())
     # an exact copy of the best row at a higher id, and one at a lower id: argmax takes the lowest
     w2 = w.clone()
     w2[4000] = w2[top]
-    assert int(GreedyHead(w2).argmax(h)) == min(top, 4000)
+    assert int(GreedyHead(w2, kernel).argmax(h)) == min(top, 4000)
     w2[3] = w2[top]
-    assert int(GreedyHead(w2).argmax(h)) == 3
+    assert int(GreedyHead(w2, kernel).argmax(h)) == 3
     # a rival 1e-5 below the best (far below what int8 resolves): the rescoring must separate them
     w3 = w.clone()
     w3[10] = w3[top] * (1 - 1e-5)
     w3[11] = w3[top] * (1 + 1e-5)
-    gh = GreedyHead(w3)
+    gh = GreedyHead(w3, kernel)
     assert int(gh.argmax(h)) == int(torch.nn.functional.linear(h, w3).argmax()) == 11
 
 
-def test_non_finite_hidden_states_give_what_the_full_product_gives():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_finite_hidden_states_give_what_the_full_product_gives(kernel):
     w = weights("gauss")
-    gh = GreedyHead(w)
+    gh = GreedyHead(w, kernel)
     h = hiddens()[:3].clone()
     h[0, 7] = float("nan")
     h[1, 3] = float("inf")
     assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, w).argmax(dim=1))
     assert gh.fallbacks >= 2
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="no oneDNN int8 linear in this torch build")
+def test_measured_activation_error_narrows_the_candidates():
+    # the same argmax from both kernels; oneDNN's, whose activation error the screen measures instead
+    # of bounding it by the quantization step, rescores several times fewer rows
+    w = weights("gauss", V=20000)
+    h = hiddens()[6:]  # 20 N(0, 1) rows
+    heads = {k: GreedyHead(w, k) for k in KERNELS}
+    want = torch.nn.functional.linear(h, w).argmax(dim=1)
+    for gh in heads.values():
+        assert torch.equal(gh.argmax(h), want)
+    assert heads["onednn"].candidates * 3 < heads["dynamic"].candidates
+    assert (heads["onednn"].bound(h).mean(dim=1) < 0.8 * heads["dynamic"].bound(h).mean(dim=1)).all()
 
 
 def test_only_fp32_cpu_heads_above_the_size_threshold_are_screened():
@@ -176,17 +196,38 @@ def test_engine_and_speculative_decoding_same_tokens_with_and_without_screen(mon
     assert len(screened) == n_screened
 
 
+@pytest.mark.parametrize("kind", ["gauss", "scaled-rows"])
 @pytest.mark.parametrize("V", [64 * 37, 64 * 37 + 13, 50])
-def test_candidates_are_exactly_the_rows_within_the_margin(V):
-    # the chunked search against the definition: ids with a[r, i] >= max(a[r]) - margin[r], ascending
+def test_candidates_are_exactly_the_rows_within_the_bound(V, kind):
+    # the chunked search against its definition: ids with a_i + b_i >= max_k (a_k - b_k) - slack,
+    # b_i = ||e_i||_2 hn + L1_i c, row-major and ascending (the chunk maxima only skip work)
     g = torch.Generator().manual_seed(V)
+    gh = GreedyHead(weights(kind, V=V, D=64))  # scaled-rows: per-row bound factors over four decades
     a = torch.randn(6, V, generator=g)
     a[1, ::7] = a[1].max()  # many exact ties with the maximum, spread over chunks
     a[2, -1] = 10.0  # the maximum in the tail (when V is not a multiple of the chunk)
     a[3, 5] = float("nan")  # a non-finite row: no candidate
-    margin = torch.tensor([0.0, 0.0, 0.5, 1.0, 2.5, 1e9])
-    got = screen.candidates(a, margin)
-    for r in range(6):
-        want = (a[r] >= a[r].max() - margin[r]).nonzero().squeeze(1)
-        assert torch.equal(got[r], want), r
-    assert got[3].numel() == 0 and got[5].numel() == V and got[1].numel() >= V // 7
+    hn = torch.tensor([0.0, 0.0, 0.5, 1.0, 3.0, 1e9])
+    c = torch.tensor([0.0, 0.0, 1e-3, 1e-2, 1.0, 1e9])
+    rn = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.1, 0.0])
+    row_of, ids = gh._candidates(a, (hn, rn, c))
+    b = gh.err_l2[None] * hn[:, None] + gh.wq_l2[None] * rn[:, None] + gh.l1[None] * c[:, None]
+    slack = 2.0 ** -20 * (a.amax(dim=1).abs() + 4 * (gh.err_l2_max * hn + gh.wq_l2.max() * rn + gh.l1_max * c))
+    want = a + b >= ((a - b).amax(dim=1) - slack)[:, None]
+    want_rows, want_ids = want.nonzero(as_tuple=True)
+    assert torch.equal(row_of, want_rows) and torch.equal(ids, want_ids)
+    n = torch.bincount(row_of, minlength=6)
+    assert n[3] == 0 and n[5] == V and n[1] >= V // 7
+    assert 0 < n[2] < V and 1 < n[4] < V and n[0] == 1  # the bound is what widens the set, ties aside
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_seven_bit_activations_where_the_cpu_has_no_vnni(monkeypatch, kernel):
+    # without VNNI the screen quantizes h to 7 bits (int16 pair sums cannot saturate); the bound must
+    # hold and the argmax stay exact in that mode too, whatever CPU runs the test
+    monkeypatch.setattr(screen, "_vnni", lambda: False)
+    w, h = weights("heavy"), hiddens()
+    gh = GreedyHead(w, kernel=kernel)
+    exact = h.double() @ w.double().t()
+    assert ((gh.approx(h).double() - exact).abs() <= gh.bound(h).double()).all()
+    assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, w).argmax(dim=1))

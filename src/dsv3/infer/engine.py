@@ -540,9 +540,8 @@ class Engine:
 
     def _bind(self, reqs: list[Request], positions: torch.Tensor):
         width = max(len(r.blocks) for r in reqs)
-        tables = torch.full((len(reqs), width), NULL_BLOCK, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            tables[i, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.long)
+        # one tensor from padded lists (a tensor per row cost ~10 us a row at 16 rows)
+        tables = torch.tensor([r.blocks + [NULL_BLOCK] * (width - len(r.blocks)) for r in reqs], dtype=torch.long)
         self.cache.bind(tables.to(self.device), positions)
 
     def _run_fill(self, group: list[_Item], n: int):
@@ -574,13 +573,14 @@ class Engine:
             else:
                 sample_rows.append(i)
         if sample_rows:
-            rows = torch.tensor(sample_rows, device=dev)
             sreqs = [reqs[i] for i in sample_rows]
-            toks = self._screened(sreqs, h[rows, n - 1])
+            # every row (plain decode): a view, no gather
+            last = h[:, n - 1] if len(sample_rows) == len(group) else h[torch.tensor(sample_rows, device=dev), n - 1]
+            toks = self._screened(sreqs, last)
             if toks is not None:
                 lps = [None] * len(sreqs)
             else:
-                logits = self.model.logits(h[rows, n - 1]).float()  # (R, V)
+                logits = self.model.logits(last).float()  # (R, V)
                 toks, _ = self._choose(sreqs, logits)
                 lps = self._logprobs(sreqs, logits, toks)
             for j, i in enumerate(sample_rows):

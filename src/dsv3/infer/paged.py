@@ -103,15 +103,22 @@ class BlockAllocator:
 class PagedLatentCache:
     """Implements the model's cache protocol (dsv3.model.mla) over the block pool. Before each
     forward the engine binds the block table (B, n) of the rows and their positions; `update` then
-    writes the new latents into their slots and gathers each row's slots 0..L-1 in order."""
+    writes the new latents into their slots and gathers each row's slots 0..L-1 in order.
+
+    A slot holds the latent and the rotated key side by side (C + R values, one row of `lat`; `kv`
+    and `pe` are views of its two parts): one write and one gather per layer, and the (kv_all,
+    pe_all) that `update` returns are the two halves of one (B, L, C + R) tensor, which the
+    absorbed attention scores in one product (MLA._joined)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, n_layers: int,
                  dtype=torch.float32, device="cpu"):
         self.num_blocks, self.block_size, self.n_layers = num_blocks, block_size, n_layers
+        C = cfg.kv_lora_rank
         # zeros: padded/stale slots are masked, but 0 * NaN would still poison the attention output
-        self.kv = torch.zeros(n_layers, num_blocks * block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(n_layers, num_blocks * block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self._tables = self._positions = self._slots = None
+        self.lat = torch.zeros(n_layers, num_blocks * block_size, C + cfg.qk_rope_head_dim, dtype=dtype,
+                               device=device)
+        self.kv, self.pe = self.lat[..., :C], self.lat[..., C:]
+        self._positions = self._slots = self._read = None
         self._L = 0
 
     @staticmethod
@@ -121,19 +128,19 @@ class PagedLatentCache:
     def bind(self, tables: torch.Tensor, positions: torch.Tensor):
         """tables (B, n) block ids (NULL_BLOCK past a row's blocks); positions (B, S) of this forward."""
         bs = self.block_size
-        self._L = int(positions.max()) + 1
-        assert tables.shape[1] * bs >= self._L, "block table too short for these positions"
-        self._tables = tables[:, :(self._L + bs - 1) // bs]
+        self._L = L = int(positions.max()) + 1
+        assert tables.shape[1] * bs >= L, "block table too short for these positions"
         self._positions = positions
         self._slots = (tables.gather(1, positions // bs) * bs + positions % bs).flatten()
+        # the slots of positions 0..L-1 of every row, row-major: one index_select per layer gathers them
+        t = torch.arange(L, device=tables.device)
+        self._read = (tables[:, t // bs] * bs + t % bs).flatten()
 
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor):
         # kv (B, S, C), pe (B, S, R); slot t of row b lives at block tables[b, t // bs], offset t % bs
         assert positions is self._positions, "bind() the block tables of this forward first"
         B, S, C = kv.shape
-        self.kv[layer].index_copy_(0, self._slots, kv.reshape(B * S, C).to(self.kv.dtype))
-        self.pe[layer].index_copy_(0, self._slots, pe.reshape(B * S, -1).to(self.pe.dtype))
-        n, bs, L = self._tables.shape[1], self.block_size, self._L
-        kv_all = self.kv[layer].view(self.num_blocks, bs, C)[self._tables].view(B, n * bs, C)[:, :L]
-        pe_all = self.pe[layer].view(self.num_blocks, bs, -1)[self._tables].view(B, n * bs, -1)[:, :L]
-        return kv_all, pe_all
+        lat = self.lat[layer]
+        lat.index_copy_(0, self._slots, torch.cat([kv, pe], dim=-1).reshape(B * S, -1).to(lat.dtype))
+        g = lat.index_select(0, self._read).view(B, self._L, -1)  # (B, L, C + R)
+        return g[..., :C], g[..., C:]

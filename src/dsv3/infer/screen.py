@@ -5,27 +5,32 @@ At batch 1 the output head dominates a decode step of a model with a large vocab
 the rest of the step reads only the activated experts. A greedy step needs only the argmax, and the
 argmax can be found exactly without reading the fp32 head in full:
 
-1. approximate logits a = Wq . hq with an int8 per-row quantized copy of the head and a dynamically
+1. approximate logits a = Wq . hq with an int8 per-row quantized copy of the head and an 8-bit
    quantized activation (oneDNN's or fbgemm's int8 kernel reads a quarter of the bytes);
 2. a guaranteed per-row error bound b_i >= |a_i - l_i| (l = W . h, the fp32 logits), from norms
    precomputed once per weight and quantities of h (below);
-3. every row whose upper bound a_i + b_i reaches a lower bound of the best logit (max_k a_k - b_k,
-   itself at least max(a) - max(b)) is a candidate: the true argmax i* always is (l_i* >= l_k
-   implies a_i* + b_i* >= a_k - b_k). The candidates (tens to a few hundred of 129,280) are
-   rescored with the fp32 weight and the best one wins.
+3. every row whose upper bound a_i + b_i reaches a lower bound of the best logit (max_k a_k - b_k)
+   is a candidate: the true argmax i* always is (l_i* >= l_k implies a_i* + b_i* >= a_k - b_k). The
+   candidates (a few to a few tens of 129,280) are rescored with the fp32 weight and the best one
+   wins. They are found in one pass over a: maxima of CHUNK-wide chunks, with the largest b of each
+   chunk, locate the few chunks that can hold one; only those are read again (`_candidates`).
 
 The bound, for row i (e_i = w_i - wq_i, r = h - hq):
   |a_i - l_i| <= |e_i . h| + |wq_i . r| + rounding
-             <= ||e_i||_2 ||h||_2 + ||wq_i||_1 ||r||_inf + rounding,
-with ||r||_inf <= s/2 for the activation scale s <= (max(h, 0) - min(h, 0)) / 127 of any 8-bit
-dynamic quantization, and rounding terms for the kernel's fp32 output scaling and for the fp32 dot
-products of the reference (|fl(w.h) - w.h| <= D u sum_j |w_ij h_j|, u = 2^-24). The bound is loose
-by a small factor, so the candidate set stays small; when it is not (hidden states with extreme
-outliers make s large), the full fp32 product is computed instead. Candidates whose fp32 values lie
-within the fp32 rounding bound of the best are compared again in float64, so the token is the
-argmax of the exact logits (the first of equal ones). It is the argmax of fp32 logits except where
-fp32 rounding reorders two logits within ~1e-6 relative of each other; there two BLAS libraries
-(or two block positions of one GEMV) can disagree too.
+             <= ||e_i||_2 ||h||_2 + ||wq_i||_2 ||r||_2 + rounding.
+The activation is quantized here (uint8, one scale for the rows of a call) and handed to oneDNN's
+int8 linear with that scale, so r is known exactly and ||r||_2 is measured. Where that kernel is
+missing, torch's dynamic int8 linear quantizes h itself, r is not seen, and the middle term becomes
+||wq_i||_1 ||r||_inf with ||r||_inf <= s/2 for the activation scale s <= (max(h, 0) - min(h, 0)) / 127
+of any 8-bit dynamic quantization (about four times as wide, so about ten times the candidates).
+The rounding terms cover the kernel's fp32 output scaling and the fp32 dot products of the reference
+(|fl(w.h) - w.h| <= D u sum_j |w_ij h_j|, u = 2^-24). On random weights the largest error seen is
+about a sixth of the bound; when the candidate set still grows too large (hidden states with extreme
+outliers), the full fp32 product is computed instead. Candidates whose fp32 values lie within the
+fp32 rounding bound of the best are compared again in float64, so the token is the argmax of the
+exact logits (the first of equal ones). It is the argmax of fp32 logits except where fp32 rounding
+reorders two logits within ~1e-6 relative of each other; there two BLAS libraries (or two block
+positions of one GEMV) can disagree too.
 
 Used by greedy decoding in `dsv3.generate`, the engine and MTP drafting/verification, for fp32 heads
 on CPU; other cases compute the full logits.
@@ -33,19 +38,23 @@ on CPU; other cases compute the full logits.
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 
 import torch
 
 # Below this many head elements the full product is cheap and the screen is not worth its setup.
 MIN_ELEMENTS = 1 << 22
-# Rows screened at once. oneDNN's dynamic int8 kernel costs 5.9 ms for 1 row and 9.6 ms for 16 of
-# the `small` preset's 129,280 x 512 head on one core, where the fp32 GEMM costs 26 ms and 49 ms;
-# above this many rows the fp32 GEMM catches up with the screen plus its candidate rescoring.
+# Rows screened at once. oneDNN's int8 kernel costs 5.5 ms for 1 row and 8.7 ms for 16 of the
+# `small` preset's 129,280 x 512 head on one core (weights from memory), where the fp32 GEMM costs
+# 26 ms and 49 ms; above this many rows the fp32 GEMM catches up with the screen and its rescoring.
 MAX_ROWS = 64
-# Width of the chunks whose maxima locate the candidates (`candidates`)
+# Width of the chunks whose maxima locate the candidates (`GreedyHead._candidates`)
 CHUNK = 64
 # More candidates than this in one row and that row's fp32 logits are computed in full instead.
 MAX_CANDIDATES = 4096
+# the kernel's fp32 output scaling and the reference's fp32 dot product, per unit of L1_i ||h||_inf
+_ROUNDING = 2.0 ** -18
 
 
 def _engine() -> str | None:
@@ -54,6 +63,32 @@ def _engine() -> str | None:
         if e in engines:
             return e
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _vnni() -> bool:
+    """Whether the CPU has VNNI (int8 dot products with 32-bit accumulation). Without it, x86 int8
+    kernels multiply uint8 by int8 with vpmaddubsw, whose pairwise sums saturate at int16: 8-bit
+    activations (up to 255 x 127 x 2) can overflow, 7-bit ones (127 x 127 x 2 = 32,258) cannot, so
+    the screen quantizes to 7 bits there (oneDNN's documented advice; torch's reduce_range). Unknown
+    (no /proc/cpuinfo) counts as no VNNI."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
+
+
+def _onednn_linear():
+    """oneDNN's int8 linear on an activation quantized by the caller (the op torch's x86 PT2E
+    quantization lowers to), or None when this torch build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @contextlib.contextmanager
@@ -67,16 +102,19 @@ def _quant_engine(name: str):
 
 
 class GreedyHead:
-    """Exact argmax over `weight @ h` (weight (V, D) fp32) that reads an int8 copy of the weight."""
+    """Exact argmax over `weight @ h` (weight (V, D) fp32) that reads an int8 copy of the weight.
 
-    def __init__(self, weight: torch.Tensor):
+    kernel: "onednn" (the activation quantized here, r measured), "dynamic" (torch's dynamic int8
+    linear; the twin the tests tie to it, and the fallback where oneDNN's op is missing), or None for
+    the first available."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str | None = None):
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError("GreedyHead needs a 2-D fp32 CPU weight")
-        engine = _engine()
-        if engine is None:
-            raise ValueError("GreedyHead needs a quantized CPU engine (onednn, fbgemm or x86) in this torch build")
+        if kernel not in (None, "onednn", "dynamic"):
+            raise ValueError(f"kernel must be None, 'onednn' or 'dynamic', got {kernel!r}")
         w = weight.detach()
-        self.weight, self.engine = w, engine
+        self.weight = w
         V, D = w.shape
         # per-row symmetric int8 quantization (zero rows get scale 1 and stay exactly 0)
         scale = w.abs().amax(dim=1) / 127.0
@@ -84,114 +122,196 @@ class GreedyHead:
         q = torch.round(w / scale[:, None]).clamp_(-127, 127)
         wq = q * scale[:, None]  # (V, D) the dequantized copy the kernel multiplies by
         self.err_l2 = (w - wq).norm(dim=1)  # ||e_i||_2
-        # one L1 norm for both rounding terms: max(||wq_i||_1, ||w_i||_1)
+        self.wq_l2 = wq.norm(dim=1)  # ||wq_i||_2
+        # one L1 norm for the rounding terms (and the dynamic kernel's activation term): max(||wq_i||_1, ||w_i||_1)
         self.l1 = torch.maximum(wq.abs().sum(dim=1), w.abs().sum(dim=1))
         del wq
-        self.err_l2_max, self.l1_max = self.err_l2.max(), self.l1.max()
-        with _quant_engine(engine), _quiet():
-            qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        # b_ri = sum_f factor_f[i] * term_f[r], f over (||e_i||_2, ||wq_i||_2, L1_i)
+        self._factors = (self.err_l2, self.wq_l2, self.l1)
+        self._factor_max = tuple(f.max() for f in self._factors)
+        self.err_l2_max, self.l1_max = self._factor_max[0], self._factor_max[2]
+        # the largest factors of each CHUNK-wide chunk of rows: a bound of the chunk's b_i (_candidates)
+        n = V // CHUNK
+        self._factor_chunk = tuple(f[:n * CHUNK].view(n, CHUNK).amax(dim=1) for f in self._factors)
+        self.kernel = self.engine = None
+        ops = _onednn_linear() if kernel in (None, "onednn") else None
+        if ops is not None:
+            try:
+                self._w_packed = ops[0](q.to(torch.int8), [1, D])
+                self._w_scale, self._w_zp = scale.float(), torch.zeros(V, dtype=torch.long)
+                self._linear = ops[1]
+                self.kernel = "onednn"
+            except RuntimeError:
+                if kernel == "onednn":
+                    raise
+        if self.kernel is None:
+            if kernel == "onednn":
+                raise ValueError("this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
+            engine = _engine()
+            if engine is None:
+                raise ValueError("GreedyHead needs oneDNN or a quantized CPU engine (onednn, fbgemm or x86) "
+                                 "in this torch build")
+            with _quant_engine(engine), _quiet():
+                qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            self.kernel, self.engine = "dynamic", engine
         self.version = (w.data_ptr(), w._version)
         self.rows = self.candidates = self.fallbacks = 0  # statistics: rows screened, candidates rescored
 
     @staticmethod
     def supported(weight: torch.Tensor) -> bool:
         return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-                and weight.numel() >= MIN_ELEMENTS and _engine() is not None)
+                and weight.numel() >= MIN_ELEMENTS and (_onednn_linear() is not None or _engine() is not None))
 
-    def approx(self, h: torch.Tensor) -> torch.Tensor:
-        """(R, D) fp32 -> (R, V) logits from the int8 weight and the kernel's 8-bit quantized h."""
-        with _quant_engine(self.engine):
-            return torch.ops.quantized.linear_dynamic(h, self._packed, False)
-
-    def _terms(self, h: torch.Tensor):
-        """Per row of h (R, D): the factors (||h_r||_2, c_r) of b_ri = ||e_i||_2 ||h_r||_2 + L1_i c_r."""
+    def _screen(self, h: torch.Tensor):
+        """h (R, D) fp32 -> approximate logits a (R, V) and the terms (R,) of each row's bound:
+        b_ri = ||e_i||_2 t0_r + ||wq_i||_2 t1_r + L1_i t2_r >= |a_ri - (W h_r)_i|."""
         D = h.shape[1]
+        h_inf = h.abs().amax(dim=1)
+        if self.kernel == "onednn":
+            # uint8 with zero point 128 and one fp32 scale xs for every row: the kernel computes
+            # a = xs * scale_i * sum_j q_ij (u_j - 128) (exact in int32), so hq = xs (u - 128) is known
+            # 8 bits (zero point 128) with VNNI, 7 bits (zero point 64) without: see _vnni
+            zp = 128 if _vnni() else 64
+            xs = float(torch.tensor(float(h_inf.max()) / (zp - 1), dtype=torch.float32))
+            if not 0.0 < xs < float("inf"):  # all zero (a = 0, exactly) or not finite (the bound is NaN)
+                xs = 1.0
+            u = torch.round(h / xs).add_(zp).clamp_(0, 2 * zp - 1).to(torch.uint8)
+            a = self._linear(u, xs, zp, self._w_packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32,
+                             "none", [None], "")
+            # r in float64 is exact up to 2^-53; the factor covers that and the fp32 norm
+            r = h.double() - (u.double() - zp) * xs
+            rn = r.norm(dim=1).float() * (1 + 2.0 ** -16)
+            return a, (h.norm(dim=1), rn, (_ROUNDING + 2 * D * 2.0 ** -24) * (h_inf + xs))
+        with _quant_engine(self.engine):
+            a = torch.ops.quantized.linear_dynamic(h, self._packed, not _vnni())  # reduce_range without VNNI
         # The kernel quantizes all of h with one scale s. Whatever its scheme (asymmetric uint8 over
         # [min(h, 0), max(h, 0)]: s = range / 255; with reduce_range: range / 127; symmetric int8:
-        # max|h| / 127), s <= range / 127, and each element is off by at most s / 2.
-        lo = torch.clamp(h.amin(), max=0.0)
-        hi = torch.clamp(h.amax(), min=0.0)
-        s = (hi - lo) / 127.0
-        h_inf = h.abs().amax(dim=1)
-        # activation rounding (s/2, with margin for the kernel's float arithmetic in choosing s), the
-        # kernel's fp32 requantization, and the reference's fp32 dot product; each times the L1 norm
-        c = 0.5 * s * 1.01 + (2.0 ** -18 + 2 * D * 2.0 ** -24) * (h_inf + s)
-        return h.norm(dim=1), c
+        # max|h| / 127), s <= range / 127, and each element is off by at most s / 2 (with margin for
+        # the kernel's float arithmetic in choosing s): a term of the L1 norm, as the rounding is
+        s = (torch.clamp(h.amax(), min=0.0) - torch.clamp(h.amin(), max=0.0)) / 127.0
+        c = 0.5 * s * 1.01 + (_ROUNDING + 2 * D * 2.0 ** -24) * (h_inf + s)
+        return a, (h.norm(dim=1), torch.zeros_like(c), c)
+
+    def approx(self, h: torch.Tensor) -> torch.Tensor:
+        """(R, D) fp32 -> (R, V) logits from the int8 weight and 8-bit quantized h."""
+        return self._screen(h.float().contiguous())[0]
 
     def bound(self, h: torch.Tensor) -> torch.Tensor:
         """(R, D) -> (R, V): b[r, i] >= |approx(h)[r, i] - (W h_r)_i| (see the module docstring)."""
-        hn, c = self._terms(h.float())
-        return torch.addcmul(self.err_l2[None] * hn[:, None], self.l1[None], c[:, None])
+        t = self._screen(h.float().contiguous())[1]
+        return sum(f[None] * x[:, None] for f, x in zip(self._factors, t))
+
+    def bound_max(self, h: torch.Tensor) -> torch.Tensor:
+        """(R, D) -> (R,): the largest b[r, i] of a row can be, from the largest factors."""
+        t = self._screen(h.float().contiguous())[1]
+        return sum(m * x for m, x in zip(self._factor_max, t))
 
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
         """h (R, D) -> (R,) int64: argmax of the fp32 logits W h_r, for each row."""
         assert h.dim() == 2 and h.shape[1] == self.weight.shape[1]
         h = h.float().contiguous()
-        R = h.shape[0]
+        R, D = h.shape
         # The kernel quantizes all rows with one scale: rows scaled to max |h_r| = 1 each get the
         # resolution of their own range (the argmax of a row does not change under a positive scale;
         # the bound below is computed for the scaled rows, the rescoring uses h itself)
         alpha = h.abs().amax(dim=1, keepdim=True)
         hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-        a = self.approx(hs)  # (R, V)
-        hn, c = self._terms(hs)
-        # The best logit is at least max_k a_k - b_k >= max(a) - b_max; a row can only beat it if
-        # a_i + b_i >= that, and b_i <= b_max: one threshold per row (b_max from the largest norms).
-        b_max = self.err_l2_max * hn + self.l1_max * c  # (R,)
-        cands = candidates(a, 2 * b_max)
+        a, terms = self._screen(hs)  # (R, V)
+        row_of, ids = self._candidates(a, terms)  # row-major, ascending ids within a row
         self.rows += R
+        counts = torch.bincount(row_of, minlength=R)
         out = torch.empty(R, dtype=torch.long)
-        for r in range(R):
-            idx = cands[r]  # ascending ids
-            n = idx.numel()
-            if n > MAX_CANDIDATES or n == 0:  # bound too loose (extreme outliers) or h not finite: fp32 in full
+        bad = (counts == 0) | (counts > MAX_CANDIDATES)
+        if bool(bad.any()):  # bound too loose (extreme outliers) or h not finite: fp32 in full
+            for r in bad.nonzero().squeeze(1).tolist():
                 self.fallbacks += 1
                 out[r] = torch.nn.functional.linear(h[r:r + 1], self.weight).argmax()
-                continue
-            self.candidates += n
-            wc = self.weight.index_select(0, idx)  # (n, D)
-            exact = torch.mv(wc, h[r])  # (n,) fp32
-            # fp32 GEMV kernels round a dot product differently depending on where the row sits in
-            # the block (two equal rows can differ in the last bit). Each fp32 value is within
-            # D u ||w_i||_1 ||h||_inf of the exact one, so every row that may truly be the best lies
-            # within twice that of the fp32 maximum: those are compared again in float64, ties
-            # going to the lowest id, as argmax does
-            tol = 2 * h.shape[1] * 2.0 ** -24 * float(self.l1[idx].max()) * float(h[r].abs().max())
-            near = (exact >= exact.max() - tol).nonzero().squeeze(1)
-            if near.numel() == 1:
-                out[r] = idx[near[0]]
-            else:
-                out[r] = idx[near[(wc[near].double() @ h[r].double()).argmax()]]
+            keep = ~bad[row_of]
+            row_of, ids, counts = row_of[keep], ids[keep], counts.masked_fill(bad, 0)
+        n = ids.numel()
+        if n == 0:
+            return out
+        self.candidates += n
+        # One gather of every row's candidates, then one GEMV per row on its slice (a product of all
+        # candidates with all rows would multiply R times the weights needed)
+        wc = self.weight.index_select(0, ids)  # (n, D)
+        cl = counts.tolist()
+        exact = torch.cat([torch.mv(w, h[r]) for r, w in enumerate(wc.split(cl)) if cl[r]])  # (n,) fp32
+        # fp32 GEMV kernels round a dot product differently depending on where the row sits in the
+        # block (two equal rows can differ in the last bit). Each fp32 value is within
+        # D u ||w_i||_1 ||h||_inf of the exact one, so every row that may truly be the best lies within
+        # twice that of the fp32 maximum: those are compared again in float64, ties going to the
+        # lowest id, as argmax does
+        best = torch.full((R,), float("-inf")).scatter_reduce_(0, row_of, exact, "amax")
+        l1 = torch.zeros(R).scatter_reduce_(0, row_of, self.l1[ids], "amax")
+        tol = 2 * D * 2.0 ** -24 * l1 * h.abs().amax(dim=1)
+        near = (exact >= (best - tol)[row_of]).nonzero().squeeze(1)
+        near_rows = row_of[near]
+        out[near_rows] = ids[near]  # rows with a single near candidate: that one
+        for r in (torch.bincount(near_rows, minlength=R) > 1).nonzero().squeeze(1).tolist():
+            sel = near[near_rows == r]  # ascending ids
+            out[r] = ids[sel[(wc[sel].double() @ h[r].double()).argmax()]]
         return out
+
+    def _candidates(self, a: torch.Tensor, terms):
+        """a (R, V) approximate logits, terms: the (R,) terms of each row's bound (_screen) -> (row,
+        id) pairs, row-major with ascending ids, of every i with a_i + b_i >= max_k (a_k - b_k) - slack_r:
+        the candidates of step 3 in the module docstring (slack_r covers the fp32 rounding of these
+        sums). A row whose a or bound is not finite has none.
+
+        One pass over a: the maxima of CHUNK-wide chunks give the row maxima and, with the largest b
+        of each chunk, the few chunks that can hold a candidate; only those are read again. (A
+        compare + nonzero over each row of 129,280 costs ~0.3 ms a row on one core, ten times this.)"""
+        R, V = a.shape
+        n = V // CHUNK
+        body_n = n * CHUNK
+        r_ar = torch.arange(R)
+        f0, f1, f2 = self._factors
+        t0, t1, t2 = terms
+        # k: the row's argmax of a; a_k - b_k is a lower bound of the best logit, so every candidate
+        # has a_i + b_i >= a_k - b_k (-slack); the exact max_k (a_k - b_k) comes from the pairs found
+        if n:
+            body = a[:, :body_n].view(R, n, CHUNK)
+            cmax = body.amax(dim=2)  # (R, n)
+            jb = cmax.argmax(dim=1)
+            k = jb * CHUNK + body[r_ar, jb].argmax(dim=1)
+        tail = a[:, body_n:]
+        if V > body_n:
+            tv, tj = tail.max(dim=1)
+            k = tj + body_n if not n else torch.where(tv > a[r_ar, k], tj + body_n, k)
+        ak = a[r_ar, k]
+        m0, m1, m2 = self._factor_max
+        slack = 2.0 ** -20 * (ak.abs() + 4 * (m0 * t0 + m1 * t1 + m2 * t2))
+        thr = ak - (f0[k] * t0 + f1[k] * t1 + f2[k] * t2) - slack  # (R,)
+        row_of = ids = torch.empty(0, dtype=torch.long)
+        av = a.new_empty(0)
+        if n:
+            # b of a chunk's rows is at most bch; a chunk whose max + bch is below thr holds none
+            c0, c1, c2 = self._factor_chunk
+            bch = t0[:, None] * c0[None] + t1[:, None] * c1[None] + t2[:, None] * c2[None]  # (R, n)
+            rows, chunks = (cmax + bch >= thr[:, None]).nonzero(as_tuple=True)
+            vals = body[rows, chunks]  # (K, CHUNK)
+            # a flat nonzero: twice as fast as a 2-D one on CPU
+            hit = (vals + bch[rows, chunks][:, None] >= thr[rows][:, None]).view(-1).nonzero().squeeze(1)
+            hk = hit // CHUNK
+            row_of, ids, av = rows[hk], chunks[hk] * CHUNK + hit % CHUNK, vals.view(-1)[hit]
+        if V > body_n:
+            tb = (t0[:, None] * f0[None, body_n:] + t1[:, None] * f1[None, body_n:]
+                  + t2[:, None] * f2[None, body_n:])
+            tr, tjs = (tail + tb >= thr[:, None]).nonzero(as_tuple=True)
+            if tr.numel():
+                row_of, ids = torch.cat([row_of, tr]), torch.cat([ids, tjs + body_n])
+                av = torch.cat([av, tail[tr, tjs]])
+                order = row_of.argsort(stable=True)  # tail ids are the largest of their row
+                row_of, ids, av = row_of[order], ids[order], av[order]
+        bv = f0[ids] * t0[row_of] + f1[ids] * t1[row_of] + f2[ids] * t2[row_of]
+        lower = torch.full((R,), float("-inf")).scatter_reduce_(0, row_of, av - bv, "amax")
+        keep = (av + bv >= (lower - slack)[row_of]).nonzero().squeeze(1)
+        return row_of[keep], ids[keep]
 
     def stale(self, weight: torch.Tensor) -> bool:
         return (weight.data_ptr(), weight._version) != self.version
-
-
-def candidates(a: torch.Tensor, margin: torch.Tensor) -> list[torch.Tensor]:
-    """a (R, V), margin (R,) -> per row, the ascending ids i with a[r, i] >= max(a[r]) - margin[r]
-    (none in a row whose max or margin is NaN).
-
-    One pass over a: the maxima of CHUNK-wide chunks give both the row maxima and the few chunks
-    that can hold a candidate; only those chunks are read again. (A compare + nonzero over each
-    row of 129,280 costs ~0.3 ms a row on one core, ten times this pass.)"""
-    R, V = a.shape
-    body_n = V - V % CHUNK
-    body = a[:, :body_n].view(R, body_n // CHUNK, CHUNK)
-    cmax = body.amax(dim=2)  # (R, V // CHUNK)
-    tail = a[:, body_n:]
-    best = torch.cat([cmax, tail.amax(dim=1, keepdim=True)] if tail.shape[1] else [cmax], dim=1).amax(dim=1)
-    thr = best - margin  # (R,)
-    rows, chunks = (cmax >= thr[:, None]).nonzero(as_tuple=True)
-    hit_k, hit_j = (body[rows, chunks] >= thr[rows, None]).nonzero(as_tuple=True)  # (K, CHUNK) -> hits
-    row_of, ids = rows[hit_k], chunks[hit_k] * CHUNK + hit_j
-    if tail.shape[1]:
-        tr, tj = (tail >= thr[:, None]).nonzero(as_tuple=True)
-        row_of, ids = torch.cat([row_of, tr]), torch.cat([ids, tj + body_n])
-    key = (row_of * V + ids).sort().values  # row-major, ascending ids within a row
-    counts = torch.bincount(key // V, minlength=R).tolist()
-    return list((key % V).split(counts))
 
 
 @contextlib.contextmanager

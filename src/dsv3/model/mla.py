@@ -22,6 +22,33 @@ from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rotary
 
+# Compiled training on CPU: causal self-attention over at most this many positions runs as blocked
+# math attention (blocked_causal_attention) instead of PyTorch's fused CPU kernel; longer sequences
+# keep the fused kernel, whose memory does not grow with S^2.
+MATH_ATTN_MAX_LEN = 512
+MATH_ATTN_BLOCK = 64  # query rows per block
+
+
+def blocked_causal_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v for q, k (B, S, H, E) and v (B, S, H, Ev) -> (B, S, H, Ev),
+    the same function as F.scaled_dot_product_attention(..., is_causal=True), written as two matmuls
+    and a softmax per block of MATH_ATTN_BLOCK query rows: rows [i, e) only see keys [0, e), so most
+    of the masked upper triangle is never computed (5/8 of the full score matrix at 4 blocks), and V
+    needs no zero padding to the query head dim. Scores and softmax in fp32 (DESIGN.md), as SDPA
+    accumulates internally. Only used under torch.compile (MLA._naive), where inductor fuses the
+    scale, mask and softmax (forward and backward) around the GEMMs: there it ran ~1.3x faster than
+    the fused CPU kernel at S = 128 and 256 (docs/training.md); eagerly the fused kernel is faster."""
+    S = q.shape[1]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, E)
+    outs = []
+    for i in range(0, S, MATH_ATTN_BLOCK):
+        e = min(i + MATH_ATTN_BLOCK, S)
+        s = torch.matmul(q[:, :, i:e], k[:, :, :e].transpose(-1, -2)).float() * scale  # (B, H, e - i, e)
+        future = torch.arange(e, device=q.device)[None, :] > torch.arange(i, e, device=q.device)[:, None]
+        p = s.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+        outs.append(torch.matmul(p, v[:, :, :e]))  # (B, H, e - i, Ev)
+    return torch.cat(outs, dim=2).transpose(1, 2)  # (B, S, H, Ev)
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -87,6 +114,8 @@ class MLA(nn.Module):
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, pe[:, :, None, :].expand(B, L, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if mask is None and S <= MATH_ATTN_MAX_LEN and q.device.type == "cpu" and torch.compiler.is_compiling():
+            return blocked_causal_attention(q, k, v, self.softmax_scale)  # plain causal, no cache: L == S
         # SDPA accumulates and normalises in fp32 internally; (B, H, S, D) layout
         attn_mask = None if mask is None else mask[:, None, :, :]
         # PyTorch's fused CPU attention kernel needs v_head_dim == qk_head_dim (DeepSeek: 128 vs 192);
@@ -101,7 +130,8 @@ class MLA(nn.Module):
     def _absorb_weights(self):
         """wkv_b split into its key half (H, nope, C) and value half (H, v, C). Without autograd
         (inference) contiguous copies are kept and refreshed whenever the weight changes, so a
-        decode step does not re-copy strided slices."""
+        decode step does not re-copy strided slices; the value half is kept as the transpose of a
+        contiguous (H, C, v), the layout the absorbed output product reads."""
         H = self.n_heads
         w = self.wkv_b.weight
         if torch.is_grad_enabled() and w.requires_grad:
@@ -110,20 +140,41 @@ class MLA(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if getattr(self, "_absorb_key", None) != key:
             w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank)
-            self._absorb_cache = (w3[:, :self.nope].contiguous(), w3[:, self.nope:].contiguous())
+            w_vt = w3[:, self.nope:].transpose(1, 2).contiguous()  # (H, C, v)
+            self._absorb_cache = (w3[:, :self.nope].contiguous(), w_vt.transpose(1, 2))
             self._absorb_key = key
         return self._absorb_cache
 
     def _absorbed(self, q_nope, q_pe, kv, pe, mask):
+        # Batched products in the layouts the cache and the projections already have (no einsum
+        # permutes): decode runs this once per layer per step, on tiny shapes where op count is the cost
         B, S, H, _ = q_nope.shape
+        L, C = kv.shape[1], self.kv_lora_rank
         w_k, w_v = self._absorb_weights()  # (H, nope, C), (H, v, C)
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_k)  # query moved into the latent space
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, pe))
-        scores = scores.float() * self.softmax_scale
+        # the query moved into the latent space, per head: (H, B*S, nope) @ (H, nope, C)
+        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_k)  # (H, B*S, C)
+        # scores q_lat . c_kv + q_pe . k_pe as one product over the joined C + R values
+        q = torch.cat([q_lat.transpose(0, 1).view(B, S, H, C), q_pe], dim=-1)  # (B, S, H, C + R)
+        scores = torch.bmm(q.view(B, S * H, -1), _joined(kv, pe).transpose(1, 2)).float()  # (B, S*H, L)
+        scores.mul_(self.softmax_scale)
         if mask is None:
-            L = kv.shape[1]
             mask = torch.ones(S, L, dtype=torch.bool, device=kv.device).tril(L - S)[None]
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        scores.view(B, S, H, L).masked_fill_(~mask[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(kv.dtype)  # softmax in fp32
-        o_lat = torch.einsum("bsht,btc->bshc", p, kv)
-        return torch.einsum("bshc,hdc->bshd", o_lat, w_v)  # (B, S, H, v)
+        o_lat = torch.bmm(p, kv)  # (B, S*H, C)
+        o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_v.transpose(1, 2))  # (H, B*S, v)
+        return o.transpose(0, 1).view(B, S, H, -1)  # (B, S, H, v)
+
+
+def _joined(kv: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """kv (B, L, C), pe (B, L, R) -> (B, L, C + R): a view when they are the two halves of one
+    tensor's last dimension (as dsv3.infer.paged's cache returns them) and no gradient flows, else
+    a copy (torch.cat, the twin the view is tested against)."""
+    C, R = kv.shape[-1], pe.shape[-1]
+    st = kv.stride()
+    if (not (torch.is_grad_enabled() and (kv.requires_grad or pe.requires_grad)) and kv.dtype == pe.dtype
+            and pe.stride() == st and st[-1] == 1 and st[-2] >= C + R and kv.shape[:-1] == pe.shape[:-1]
+            and kv.untyped_storage().data_ptr() == pe.untyped_storage().data_ptr()
+            and pe.storage_offset() == kv.storage_offset() + C):
+        return kv.as_strided((*kv.shape[:-1], C + R), st, kv.storage_offset())
+    return torch.cat([kv, pe], dim=-1)
