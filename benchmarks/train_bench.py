@@ -7,11 +7,14 @@
 throughput: one training step (forward, fp32 cross-entropy, backward, AdamW step) of the same
 model (the `demo` preset without MTP, fp32 CPU) on the same batch, dsv3 vs transformers'
 DeepseekV3ForCausalLM loaded from the same weights (save_model -> from_pretrained), runs
-interleaved, medians reported. Before timing, the loss and the gradient norm of each dsv3 variant
-on the training path (autograd on) are printed against transformers'. Rows: dsv3 as `dsv3 train`
-runs it (fused chunked head + CE), the same with the plain full-logits CE, `--compile` (every block
-compiled whole); the full dsv3 recipe step (MTP depth 1, aux-free balancing, clipping, schedules:
-`Trainer.train_step`) is listed for context.
+interleaved, medians and the median of the per-run ratios reported. Both use torch's AdamW, fused by
+default (what `dsv3 train` builds and transformers' Trainer defaults to; `--adamw foreach` for the
+multi-tensor one). Before timing, the loss and the gradient norm of each dsv3 variant on the
+training path (autograd on) are printed against transformers'. Rows: dsv3 as `dsv3 train --preset
+demo` runs it by default (compiled: every block whole, blocked math attention; fused chunked head +
+CE), the eager step (`--no-compile`: what shorter runs get by default), the eager step with the
+plain full-logits CE; the full dsv3 recipe step (MTP depth 1, aux-free balancing, clipping,
+schedules: `Trainer.train_step`, eager and compiled) is listed for context.
 
 balance: aux-free (the paper's gamma 1e-3, and a gamma scaled to the short budget) vs aux-loss vs
 none, same model, data, seed and steps on the bundled corpus; validation loss and bits per byte,
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILED = "dsv3 (dsv3 train --preset demo's default step: compiled)"
+EAGER = "dsv3 eager (--no-compile)"
 
 
 def demo_config(vocab: int, mtp: int = 0, **kw):
@@ -67,13 +72,15 @@ def throughput(args) -> None:
         m.load_state_dict(model.state_dict())
         return m.train()
 
-    # dsv3 as `dsv3 train` runs it (fused chunked head + CE), the same with the plain full-logits
-    # CE (what the fused loss buys), and `--compile` (every block compiled whole).
-    variants = {"dsv3": (ours, {}), "dsv3, plain CE (F.cross_entropy on full logits)": (copy_of(ours), {"fused_loss": False})}
+    # dsv3 as `dsv3 train --preset demo` runs it by default (compiled), the eager step (--no-compile),
+    # and the eager step with the plain full-logits CE (what the fused loss buys).
+    variants = {}
     if not args.no_compile:
         compiled = copy_of(ours)
         compile_model(compiled)
-        variants["dsv3 --compile"] = (compiled, {})
+        variants[COMPILED] = (compiled, {})
+    variants[EAGER] = (ours, {})
+    variants["dsv3 eager, plain CE (F.cross_entropy on full logits)"] = (copy_of(ours), {"fused_loss": False})
 
     def grad_norm(model):
         return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
@@ -94,10 +101,10 @@ def throughput(args) -> None:
         print(f"  {name}: loss {out.ce.item():.6f} (rel. diff {abs(out.ce.item() - want) / want:.1e}), gradient norm "
               f"{g:.6f} (rel. diff {abs(g - want_g) / want_g:.1e}); first step {dt:.1f}s")
 
-    # The same optimizer for both models: torch's AdamW, by default its foreach implementation (what
-    # `dsv3 train` builds today), with --fused-adamw its fused kernel (transformers' Trainer default
-    # since torch 2.8).
-    adamw = dict(lr=1e-4, fused=True) if args.fused_adamw else dict(lr=1e-4)
+    # The same optimizer for both models: torch's AdamW, by default its fused kernel (what `dsv3 train`
+    # builds, dsv3.train.optim.build_optimizer, and transformers' Trainer default since torch 2.8),
+    # with --adamw foreach the multi-tensor implementation.
+    adamw = dict(lr=1e-4, fused=True) if args.adamw == "fused" else dict(lr=1e-4, foreach=True)
 
     def stepper(model, kw):
         opt = torch.optim.AdamW(model.parameters(), **adamw)
@@ -120,11 +127,14 @@ def throughput(args) -> None:
     if not args.no_recipe:
         # The full recipe: MTP depth 1 + aux-free balancing + clipping + schedules, same model otherwise.
         data = TokenDataset([np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000)])
-        recipe = [("dsv3 full recipe (MTP + aux-free)", False)] + ([] if args.no_compile else
-                                                                   [("dsv3 --compile full recipe", True)])
+        recipe = ([] if args.no_compile else [("dsv3 full recipe (MTP + aux-free), compiled", True)]) + \
+            [("dsv3 full recipe (MTP + aux-free), eager", False)]
         for name, comp in recipe:
             trainer = Trainer(demo_config(args.vocab, mtp=1),
                               TrainConfig(steps=1000, batch_size=B, seq_len=S, compile=comp), data)
+            if args.adamw == "foreach":  # the trainer builds the fused one; before its first step,
+                for g in trainer.optimizer.param_groups:  # groups without `fused` take torch's foreach
+                    g["fused"] = None
             trainer.train_step()  # compiles
             fns[name] = trainer.train_step
 
@@ -137,15 +147,18 @@ def throughput(args) -> None:
             fn()
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # per-run ratios: each run's transformers step against the same run's dsv3 step (paired)
+    paired = {k: statistics.median(a / b for a, b in zip(times["transformers"], v)) for k, v in times.items()}
     n = cfg.num_params()
     print(f"\nmodel: demo preset, {n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active), vocab "
           f"{cfg.vocab_size}; batch {B} x {S} tokens; fp32; {torch.get_num_threads()} thread(s); transformers "
-          f"attention: {attn}, experts: {impl}; AdamW {'fused' if args.fused_adamw else 'foreach'}; median of "
-          f"{args.runs} interleaved runs\n")
-    print("| step (fwd + bwd + AdamW) | median s | tokens/s | vs transformers |")
-    print("|---|---|---|---|")
+          f"attention: {attn}, experts: {impl}; AdamW {args.adamw} for both models; median of {args.runs} "
+          f"interleaved runs\n")
+    print("| step (fwd + bwd + AdamW) | median s | tokens/s | vs transformers (medians) | vs transformers (paired) |")
+    print("|---|---|---|---|---|")
     for k in fns:
-        print(f"| {k} | {med[k]:.3f} | {B * S / med[k]:,.0f} | {med['transformers'] / med[k]:.2f}x |")
+        print(f"| {k} | {med[k]:.3f} | {B * S / med[k]:,.0f} | {med['transformers'] / med[k]:.2f}x | "
+              f"{paired[k]:.2f}x |")
 
 
 # ---- balance study ------------------------------------------------------------------------------
@@ -209,8 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (throughput)")
     p.add_argument("--no-recipe", action="store_true", help="skip the full-recipe rows (throughput)")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="fused AdamW for both models in the throughput rows (default: foreach, as dsv3 train)")
+    p.add_argument("--adamw", choices=("fused", "foreach"), default="fused",
+                   help="torch AdamW implementation for both models in the throughput rows (default fused: what "
+                        "dsv3 train builds and transformers' Trainer defaults to)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -259,3 +259,100 @@ def test_mtp_weight_and_gamma_paper():
     assert lr_at(7, 100, 1.0, 0, constant_until=0.07, decay_until=0.07, tail_switch_at=0.07) == pytest.approx(7.3 / 220)
     with pytest.raises(ValueError, match="switch_at"):
         mtp_weight_at(0, 10, switch_at=2.0)
+
+
+# --- fused AdamW (the default) and its foreach twin ------------------------------------------------
+
+
+def _adamw_reference(p0, grads, lr, betas, eps, wd):
+    """AdamW as Loshchilov & Hutter's Algorithm 2 (decoupled decay) with Adam's bias corrections,
+    in float64: the update torch documents for torch.optim.AdamW."""
+    p, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    b1, b2 = betas
+    for t, g in enumerate(grads, 1):
+        g = g.double()
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    return p
+
+
+def _train(opt, m, grads):
+    for step_grads in grads:
+        for p, g in zip(m.parameters(), step_grads):
+            p.grad = g.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _grads(m, steps=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in m.parameters()] for _ in range(steps)]
+
+
+def test_fused_adamw_is_the_default_and_equals_the_paper_update_and_foreach():
+    torch.manual_seed(0)
+    m = Tiny()
+    init = {n: p.detach().clone() for n, p in m.named_parameters()}
+    fused = build_optimizer(m, lr=1e-2, weight_decay=0.1)
+    assert all(g["fused"] is True for g in fused.param_groups)  # CPU parameters: the fused kernel
+    twin = Tiny()
+    twin.load_state_dict(m.state_dict())
+    foreach = build_optimizer(twin, lr=1e-2, weight_decay=0.1, fused=False)
+    assert all(not g["fused"] and g["foreach"] is None for g in foreach.param_groups)  # as before: torch's pick
+    grads = _grads(m)
+    _train(fused, m, grads)
+    _train(foreach, twin, grads)
+    decayed = {"embed.weight", "wq.weight", "wo.weight", "gate.weight", "head.weight"}
+    for i, ((name, p), q) in enumerate(zip(m.named_parameters(), twin.parameters())):
+        if not p.requires_grad:
+            continue
+        want = _adamw_reference(init[name], [g[i] for g in grads], 1e-2, (0.9, 0.95), 1e-8,
+                                0.1 if name in decayed else 0.0)
+        assert (p.detach().double() - want).abs().max() <= 1e-6 * want.abs().max(), name
+        assert (p.detach() - q.detach()).abs().max() <= 1e-6 * q.detach().abs().max(), name
+        assert not torch.equal(p.detach(), init[name]), name  # it moved
+    # the same state format: the fused optimizer's state loads into the foreach one and vice versa
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        a = fused.state[m.wq.weight][key]
+        b = foreach.state[twin.wq.weight][key]
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+
+
+def test_fused_falls_back_where_it_cannot_run():
+    from dsv3.train.optim import fused_supported
+
+    with torch.device("meta"):
+        meta = Tiny()
+    assert not fused_supported(list(meta.parameters()))
+    assert all(not g["fused"] for g in build_optimizer(meta, lr=1e-3).param_groups)  # foreach instead
+    with pytest.raises(ValueError, match="fused=True"):
+        build_optimizer(meta, lr=1e-3, fused=True)
+
+
+def test_checkpoints_of_either_implementation_resume_exactly():
+    # A checkpoint written before fused became the default (foreach) resumes with foreach, bitwise the
+    # run it was; a fused one resumes fused, bitwise too.
+    torch.manual_seed(0)
+    grads = _grads(Tiny(), steps=6, seed=1)
+    for fused in (False, True):
+        full = Tiny()
+        start = {k: v.clone() for k, v in full.state_dict().items()}
+        _train(build_optimizer(full, lr=1e-2, fused=fused), full, grads)
+        first = Tiny()
+        first.load_state_dict(start)
+        opt = build_optimizer(first, lr=1e-2, fused=fused)
+        _train(opt, first, grads[:3])
+        buf = io.BytesIO()
+        torch.save({"opt": opt.state_dict(), "model": first.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        resumed = Tiny()
+        resumed.load_state_dict(saved["model"])
+        opt2 = build_optimizer(resumed, lr=1e-2)  # today's default, fused
+        opt2.load_state_dict(saved["opt"])
+        assert all(bool(g["fused"]) == fused for g in opt2.param_groups)
+        _train(opt2, resumed, grads[3:])
+        for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+            assert torch.equal(p, q), (fused, name)

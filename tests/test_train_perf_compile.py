@@ -103,3 +103,90 @@ def test_compiled_step_equals_eager_graphs_and_autograd():
     # aot_eager: dynamo's graphs and AOTAutograd's backward (the custom op's fake kernel and
     # gradient formula), run by eager kernels
     compiled_step_against_eager("aot_eager")
+
+
+def test_compiled_trainer_runs_other_batch_sizes_eagerly(monkeypatch):
+    # The batch-size ramp (2 -> 4) with compile: one compiled shape (the full micro-batch of 4 rows),
+    # the ramp's smaller batches eager; the same batch sizes, losses and updates as an eager run.
+    import numpy as np
+    from torch._dynamo.backends.common import aot_autograd  # noqa: F401 (aot_eager's machinery)
+
+    import dsv3.train.trainer as tr
+    from dsv3.train.data import TokenDataset
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        # the hidden states (B, 16, D) among the graph's inputs (the others are weights, masks, tables)
+        seen.extend(t.shape[0] for t in example_inputs
+                    if isinstance(t, torch.Tensor) and t.dim() == 3 and tuple(t.shape[1:]) == (16, cfg.hidden_size))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    real = tr.compile_model
+    monkeypatch.setattr(tr, "compile_model", lambda m: real(m, backend=backend))
+    torch._dynamo.reset()
+    cfg = preset("tiny").replace(rope_scaling_type=None, max_position_embeddings=256)
+    data = TokenDataset([np.random.default_rng(0).integers(0, 512, 20_000)])
+    runs = {}
+    for comp in (False, True):
+        t = tr.Trainer(cfg, tr.TrainConfig(steps=10, batch_size=4, batch_size_start=2, batch_ramp_until=0.3,
+                                           seq_len=16, lr=3e-3, compile=comp), data)
+        runs[comp] = [t.train_step() for _ in range(5)]
+    sizes = [r["batch_size"] for r in runs[True]]
+    assert sizes == [r["batch_size"] for r in runs[False]] and sizes == [2, 2, 3, 4, 4]
+    assert seen and set(seen) == {4}  # graphs were compiled for 4-row micro-batches only
+    for a, b in zip(runs[False], runs[True]):
+        for k in ("loss", "ce", "mtp_loss", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
+
+
+def test_compile_by_default_only_where_it_pays(monkeypatch):
+    from dsv3.train import trainer as tr
+    from dsv3.train.cli import TRAIN_PRESETS
+
+    def decide(name, **kw):
+        p = TRAIN_PRESETS[name]
+        cfg = p["model"]().replace(vocab_size=p["vocab_size"])
+        return tr.compile_by_default(cfg, tr.TrainConfig(**p["train"]), **kw)[0]
+
+    monkeypatch.setattr(tr.shutil, "which", lambda c: "/usr/bin/" + c)
+    assert decide("demo")  # 250 steps of 32 x 128: 2.0e12 token-parameters
+    assert not decide("tiny")  # 200 steps of a 0.25M model: 1.1e11
+    assert not decide("demo", distributed=True)
+    assert not decide("demo", fp8=True)
+    monkeypatch.setattr(tr.shutil, "which", lambda c: None)
+    assert not decide("demo")  # no C++ compiler for inductor
+
+
+def test_cli_compile_default_and_old_runs_resume_eagerly(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from dsv3.cli import main
+    from dsv3.train import checkpointing as ck
+
+    corpus = tmp_path / "c.txt"
+    text = (Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    corpus.write_text(text[:30000], encoding="utf-8")
+
+    def args(out, *extra):
+        return ["train", "--data", str(corpus), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--threads", "1",
+                "--no-progress", "--samples", "0", *extra]
+
+    # a short run: eager by default, and the decision is saved with the run's options
+    out = tmp_path / "a"
+    assert main(args(out, "--stop-after", "2")) == 0
+    ckpt = ck.latest_checkpoint(out)
+    saved = json.loads((ckpt / ck.ARGS_FILE).read_text())
+    assert saved["compile"] is False
+    assert "torch.compile on by default" not in capsys.readouterr().out
+    # a checkpoint written before compiling became a default has no "compile" option: it resumes
+    # eagerly, and --no-compile agrees with it while --compile is refused (it would change the math)
+    del saved["compile"]
+    (ckpt / ck.ARGS_FILE).write_text(json.dumps(saved))
+    assert main(["train", "--out", str(out), "--resume", "--compile"]) == 2
+    assert "--compile True differs" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--no-compile", "--threads", "1", "--no-progress",
+                 "--samples", "0"]) == 0
+    assert ck.latest_checkpoint(out).name == "step-00000004"

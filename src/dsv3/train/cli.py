@@ -84,10 +84,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu or cuda (default cpu)")
     g.add_argument("--dtype", choices=list(DTYPES),
                    help="compute dtype: fp32, or bf16 parameters with fp32 master weights (default fp32)")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile every block (routed experts included), the MTP modules and the final norm "
-                        "for the training steps: ~1.2x faster steps after a first step that compiles (needs a "
-                        "C++ compiler on CPU; micro-batches must then divide the batch sizes)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every block (routed experts included), the MTP blocks and the norms for the "
+                        "training steps: ~1.2x faster steps after a first step that compiles (~50 s on a cold "
+                        "inductor cache, ~5 s warm; needs a C++ compiler on CPU). Default: on for CPU runs long "
+                        "enough to pay it back (e.g. --preset demo; see docs/training.md), off otherwise")
     g.add_argument("--deterministic", action="store_true",
                    help="torch deterministic algorithms (bitwise reproducible runs and resumes)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -180,6 +181,7 @@ def _resolve(args) -> tuple[dict, Path | None]:
         saved = ck.load_run_args(ckpt)
         if not saved:
             raise ValueError(f"--resume: {ckpt} has no {ck.ARGS_FILE}")
+        saved.setdefault("compile", False)  # runs from before compiling became a default ran eagerly
         for k, v in given.items():
             if k in FIXED_ON_RESUME and saved.get(k) != v:
                 raise ValueError(
@@ -358,6 +360,25 @@ def run(args) -> int:
         _check_tokenizer_source(opts)
     model_cfg = _model_config(opts, opts["vocab_size"] if opts["tokenizer"] == "bpe" else None)
     tcfg = _train_config(opts)
+    if opts.get("compile") is None:
+        # neither --compile nor --no-compile: a fresh run compiles where that pays; a resumed run whose
+        # options predate this default ran eagerly, and keeps doing so (its math stays the same)
+        if ckpt is None:
+            from dsv3.train.trainer import compile_by_default
+
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pp != 1
+            opts["compile"], why = compile_by_default(model_cfg, tcfg, distributed, bool(opts.get("fp8")))
+            if opts["compile"]:
+                print(f"torch.compile on by default for {why}; the first full-size step compiles (--no-compile: "
+                      f"eager)")
+                # compiling was not asked for: a machine whose toolchain cannot build inductor's C++
+                # (no Python headers, say) runs those graphs eagerly instead of failing the run
+                import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` local to run())
+
+                dynamo.config.suppress_errors = True
+        else:
+            opts["compile"] = False
+        tcfg = _train_config(opts)
     tcfg.validate(model_cfg)
     if opts["stop_after"] is not None and ckpt is None and opts["stop_after"] > tcfg.steps:
         raise ValueError(f"--stop-after {opts['stop_after']} is more than --steps {tcfg.steps}")

@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = [
     "PAPER",
     "build_optimizer",
+    "fused_supported",
     "param_groups",
     "lr_at",
     "LRSchedule",
@@ -94,6 +95,20 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     return groups
 
 
+def fused_supported(params) -> bool:
+    """Whether torch's fused AdamW kernel takes every one of these parameters: plain floating-point
+    tensors on a device type with fused optimizer kernels (CPU included). Not FSDP2's DTensor
+    parameters: the fused kernel takes each parameter's `step` counter with it, a plain tensor that
+    DTensor refuses to mix with sharded ones ("got mixed torch.Tensor and DTensor"), so sharded
+    runs keep foreach. Not meta tensors either (models built only to read the parameter order)."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(not isinstance(p, DTensor) and p.device.type in devices and torch.is_floating_point(p)
+               for p in params)
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
@@ -101,8 +116,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     decay_embeddings: bool = True,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW as in the paper §4.2 (beta1 0.9, beta2 0.95, weight decay 0.1), grouped by `param_groups`."""
+    """AdamW as in the paper §4.2 (beta1 0.9, beta2 0.95, weight decay 0.1), grouped by `param_groups`.
+
+    `fused`: torch's single-kernel AdamW (one pass over each parameter's weights, gradient and both
+    moments; the default optimizer of transformers' Trainer), or False for the multi-tensor
+    `foreach` implementation (several elementwise passes per step), its slow twin: the same update,
+    equal up to fp32 rounding (tests/test_optim.py). None: fused wherever every parameter allows it
+    (`fused_supported`), foreach otherwise. The state (step, exp_avg, exp_avg_sq per parameter) has
+    the same format either way; note that `load_state_dict` restores the saved groups' flags, so a
+    checkpoint written by a foreach optimizer resumes with foreach (bitwise the run it was)."""
     if not lr > 0:
         raise ValueError(f"build_optimizer: lr must be positive, got {lr}")
     if weight_decay < 0:
@@ -112,7 +136,17 @@ def build_optimizer(
     groups = param_groups(model, weight_decay, decay_embeddings)
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = fused_supported(params)
+    elif fused and not fused_supported(params):
+        raise ValueError("build_optimizer: fused=True needs plain (not DTensor) floating-point parameters on a "
+                         "device with fused optimizer kernels (cpu, cuda, ...); pass fused=None to fall back to "
+                         "foreach")
+    # Without `fused`, torch picks foreach by itself (what this function built before fused became
+    # the default, so those groups and these are the same optimizer).
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
 
 
 def _boundary(fraction: float, total_steps: int | float) -> float:
