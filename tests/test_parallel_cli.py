@@ -1,10 +1,14 @@
 """The commands under torchrun (issue 7): `dsv3 train --ep 2`, `dsv3 generate --tp 2` and
 `dsv3 serve --tp 2` on 2 gloo processes give what one process gives; the flags that are not supported say so; `dsv3 train --fp8`;
 `dsv3 eplb --loads RUN` on the loads a training run recorded."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,6 +50,39 @@ def torchrun(nproc, args, timeout=240):
             break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
+
+
+@contextlib.contextmanager
+def torchrun_server(model_dir, flags, nproc=2):
+    """`torchrun --nproc-per-node N -m dsv3 serve --model DIR *flags` (gloo, 1 thread per rank, served
+    as model "m") on a free port; yields its URL once /health answers, then SIGTERM (SIGKILL after 60 s)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "dsv3", "serve", "--model", str(model_dir),
+           "--port", str(port), *flags, "--dist-backend", "gloo", "--threads", "1", "--log-level", "warning",
+           "--served-model-name", "m"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def records(out, kind):
@@ -148,10 +185,6 @@ def test_serve_parallel_flags_are_checked(single, capsys):
 def test_serve_tp2_under_torchrun_answers_like_one_process(single):
     """`torchrun --nproc-per-node 2 -m dsv3 serve --tp 2`: rank 0 serves HTTP, rank 1 replays its
     forwards (dsv3.infer.lockstep); completions equal a single-process engine's tokens."""
-    import signal
-    import time
-    import urllib.request
-
     from dsv3.infer.engine import Engine
     from dsv3.infer.params import SamplingParams
     from dsv3.tokenizer import Tokenizer
@@ -162,25 +195,7 @@ def test_serve_tp2_under_torchrun_answers_like_one_process(single):
     want = [c.token_ids for c in Engine(model, eos_token_id=None).generate(
         prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))]
     tok = Tokenizer.from_dir(model_dir)
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
-           "--tp", "2", "--dist-backend", "gloo", "--threads", "1", "--log-level", "warning",
-           "--served-model-name", "m"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+    with torchrun_server(model_dir, ["--tp", "2"]) as url:
         for p, w in zip(prompts, want):
             body = json.dumps({"model": "m", "prompt": p, "max_tokens": 10, "temperature": 0,
                                "ignore_eos": True}).encode()
@@ -188,13 +203,6 @@ def test_serve_tp2_under_torchrun_answers_like_one_process(single):
             with urllib.request.urlopen(req, timeout=120) as r:
                 got = json.loads(r.read())["choices"][0]["text"]
             assert got == tok.decode(w)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_train_fp8(single, corpus, tmp_path):

@@ -17,10 +17,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -34,12 +31,12 @@ from dsv3.config import preset
 from dsv3.infer.engine import Engine
 from dsv3.infer.lockstep import LockstepModel, attach, command_group, worker_loop
 from dsv3.infer.params import SamplingParams
-from dsv3.parallel.dist import free_port, run_local
+from dsv3.parallel.dist import run_local
 from dsv3.parallel.pp_infer import load_stage, stage_ranges
 from dsv3.tokenizer import Tokenizer, train_bpe
 from hf_ref import make_v3
 from test_engine import greedy, rand_prompts
-from test_parallel_cli import ROOT
+from test_parallel_cli import ROOT, torchrun_server
 from test_speculative import aligned_model
 
 WATCHDOG_S = 150  # a rank stuck in a send/recv is killed: the test fails instead of hanging
@@ -198,25 +195,7 @@ def test_serve_pp2_under_torchrun_answers_like_one_process(served):
     solo = Engine(model, eos_token_id=None)
     want = [solo.generate([p], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids for p in prompts]
     tok = Tokenizer.from_dir(model_dir)
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
-           "--pp", "2", "--dist-backend", "gloo", "--threads", "1", "--log-level", "warning",
-           "--served-model-name", "m", "--block-size", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+    with torchrun_server(model_dir, ["--pp", "2", "--block-size", "4"]) as url:
         got: dict[int, str] = {}
 
         def ask(i):
@@ -231,13 +210,6 @@ def test_serve_pp2_under_torchrun_answers_like_one_process(served):
         for t in threads:
             t.join(150)
         assert got == {i: tok.decode(w) for i, w in enumerate(want)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------------------------------------------------------------------- refused combinations
