@@ -20,6 +20,7 @@ rounds and report medians of per-round ratios, since the machines here are share
 time other processes hold the core (memory-bandwidth contention still shows).
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -103,16 +104,24 @@ def _decode(engine, prompts, n_new):
     return count, CLOCK() - t0
 
 
-def corpus_prompts(folder, n, length):
-    """n prompts of `length` tokens from the held-out end of the bundled corpus (the last 10%, where
-    `dsv3 train`'s validation split lies), each starting at a line; None without a tokenizer."""
+@functools.lru_cache(maxsize=None)
+def corpus_and_tokenizer(folder):
+    """(bundled corpus text, the checkpoint's tokenizer), or None when either is missing."""
     corpus = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
     if not (os.path.isfile(os.path.join(folder, "tokenizer.json")) and os.path.isfile(corpus)):
         return None
     from dsv3.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(folder)
-    text = open(corpus, encoding="utf-8").read()
+    return open(corpus, encoding="utf-8").read(), Tokenizer.from_dir(folder)
+
+
+def corpus_prompts(folder, n, length):
+    """n prompts of `length` tokens from the held-out end of the bundled corpus (the last 10%, where
+    `dsv3 train`'s validation split lies), each starting at a line; None without a tokenizer."""
+    found = corpus_and_tokenizer(folder)
+    if found is None:
+        return None
+    text, tok = found
     tail = text[int(len(text) * 0.9):]
     out = []
     for i in range(n):
@@ -331,13 +340,10 @@ def main(argv=None):
         draft_vocab = None
         if args.draft_vocab and args.draft_vocab < cfg.vocab_size:
             draft_vocab = list(range(args.draft_vocab))
-            tok_file = os.path.join(folder, "tokenizer.json")
-            corpus = os.path.join(os.path.dirname(__file__), "..", "data", "tinyshakespeare.txt")
-            if os.path.isfile(tok_file) and os.path.isfile(corpus):
+            found = corpus_and_tokenizer(folder)
+            if found is not None:
                 from dsv3.infer.speculative import frequent_tokens
-                from dsv3.tokenizer import Tokenizer
-                tok = Tokenizer.from_dir(folder)
-                text = open(corpus, encoding="utf-8").read()
+                text, tok = found
                 freq = frequent_tokens([tok.encode(text)], args.draft_vocab)
                 have = set(freq)
                 draft_vocab = freq + [t for t in range(cfg.vocab_size) if t not in have][:args.draft_vocab - len(freq)]

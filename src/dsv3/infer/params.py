@@ -118,7 +118,22 @@ class Completion:
     finish_time: float
 
 
-class Request:
+class GeneratedTokens:
+    """The views of a request's `tokens` (prompt + generated) that stop checkers read; shared by the
+    engine's Request and the data-parallel front end's record of it (dsv3.infer.replicas)."""
+    prompt: list[int]
+    tokens: list[int]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+class Request(GeneratedTokens):
     """Engine-side state of one request. `tokens` = prompt + generated tokens; cache slots
     [0, num_computed) hold valid latents for tokens[:num_computed]."""
 
@@ -156,14 +171,6 @@ class Request:
         self.num_preemptions = 0
         self._pending: list[int] = []           # tokens produced this step, not yet reported
         self._pending_lp: list[TokenLogprob] = []
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt):]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.tokens) - len(self.prompt)
 
     def __repr__(self):
         return (f"Request({self.request_id!r}, prompt={len(self.prompt)}, out={self.num_output_tokens}, "

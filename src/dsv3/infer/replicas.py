@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.infer.engine import Engine, EngineStats, QueueFull, RequestRejected, check_request
-from dsv3.infer.params import ABORT, LENGTH, STOP, RequestOutput, SamplingParams
+from dsv3.infer.params import ABORT, LENGTH, STOP, GeneratedTokens, RequestOutput, SamplingParams
 from dsv3.infer.speculative import SpecStats
 
 __all__ = ["ReplicatedEngine", "Replica", "DistTransport", "InProcessTransport", "ReplicaCollector", "replica_loop",
@@ -122,7 +122,7 @@ class Replica:
         return Reply(outs, e.stats(), error, refused)
 
 
-class _Shadow:
+class _Shadow(GeneratedTokens):
     """Rank 0's record of one request. It is also what the request's stop_checker reads (the fields
     of dsv3.infer.params.Request that checkers use: prompt, tokens, output_token_ids)."""
 
@@ -133,14 +133,6 @@ class _Shadow:
         self.stop_checker, self.on_output = stop_checker, on_output
         self.sent = False            # its add went out to the replica
         self.cancelled = False       # abort() was called
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt):]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.tokens) - len(self.prompt)
 
 
 # ====================================================================== transports

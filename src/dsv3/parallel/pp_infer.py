@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.checkpoint import hf_to_dsv3
 from dsv3.config import ModelConfig
 from dsv3.infer.paged import PagedLatentCache
 from dsv3.model.mtp import MTP
@@ -173,7 +172,8 @@ class PipelineStage(nn.Module):
 def _read_stage(path: str, stage: PipelineStage, dtype: torch.dtype) -> tuple[dict, int]:
     """This stage's state dict from the checkpoint folder (names and shapes checked as dsv3.load_model
     does); tensors of other stages are skipped without being read. Returns (state dict, bytes read)."""
-    from dsv3.parallel.tensor import _Reader, _weight_map  # the shard-only reader (FP8 dequantized)
+    # the shard-only reader (FP8 dequantized) and its walk over the checkpoint's names
+    from dsv3.parallel.tensor import _check_unexpected, _Reader, _targets, _weight_map
 
     cfg = stage.config
     expected = stage.state_dict()
@@ -183,16 +183,7 @@ def _read_stage(path: str, stage: PipelineStage, dtype: torch.dtype) -> tuple[di
     experts: dict[str, set] = {}
     unexpected = []
     try:
-        for name in sorted(files):
-            if name.endswith("_scale_inv"):
-                continue
-            target = hf_to_dsv3(name, cfg)
-            if target is None:
-                unexpected.append(name)
-                continue
-            ds, e = target
-            if ds == "shared":  # the MTP copies of the embedding / head: the main ones are used
-                continue
+        for name, ds, e in _targets(files, cfg, unexpected):
             local = stage.local_name(ds)
             if local is None:
                 continue  # another stage's tensor: never read
@@ -219,9 +210,7 @@ def _read_stage(path: str, stage: PipelineStage, dtype: torch.dtype) -> tuple[di
             experts[local].add(e)
     finally:
         reader.close()
-    if unexpected:
-        raise ValueError(f"unexpected tensors in {path}: {', '.join(unexpected[:5])}"
-                         + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    _check_unexpected(path, unexpected)
     missing = [k for k in expected if k not in out and not (k == "head.weight" and cfg.tie_word_embeddings)]
     missing += [f"{k} experts {sorted(set(range(expected[k].shape[0])) - got)[:8]}" for k, got in experts.items()
                 if len(got) != expected[k].shape[0]]

@@ -291,6 +291,29 @@ class _Reader:
         self.handles.clear()
 
 
+def _targets(files: dict[str, str], cfg: ModelConfig, unexpected: list[str]):
+    """The checkpoint's tensors a shard-only loader may read, in name order: (HF name, dsv3 name,
+    expert index or None). Scales are skipped (the reader dequantizes with them), so are the MTP
+    copies of the embedding / head (the main ones are used); names outside the mapping table go to
+    `unexpected`."""
+    for name in sorted(files):
+        if name.endswith("_scale_inv"):
+            continue
+        target = hf_to_dsv3(name, cfg)
+        if target is None:
+            unexpected.append(name)
+            continue
+        ds, e = target
+        if ds != "shared":
+            yield name, ds, e
+
+
+def _check_unexpected(path, unexpected: list[str]) -> None:
+    if unexpected:
+        raise ValueError(f"unexpected tensors in {path}: {', '.join(unexpected[:5])}"
+                         + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+
+
 def load_sharded(path, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """State dict for a (meta-device) model that was split by apply_tensor_parallel and/or
     apply_expert_parallel: reads only the slices named by model.shard_plan and the experts this rank
@@ -311,16 +334,7 @@ def load_sharded(path, model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
             expert_slots[ds] = slots
     filled: dict[str, set] = {}
     unexpected = []
-    for name in sorted(files):
-        if name.endswith("_scale_inv"):
-            continue
-        target = hf_to_dsv3(name, cfg)
-        if target is None:
-            unexpected.append(name)
-            continue
-        ds, e = target
-        if ds == "shared":  # the MTP copies of embedding / head: the main ones are used
-            continue
+    for name, ds, e in _targets(files, cfg, unexpected):
         if ds not in expected:
             unexpected.append(name)
             continue
@@ -350,9 +364,7 @@ def load_sharded(path, model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
         out["head.weight"] = out["embed.weight"]
     model.bytes_read = reader.bytes_read
     reader.close()
-    if unexpected:
-        raise ValueError(f"unexpected tensors in {path}: {', '.join(unexpected[:5])}"
-                         + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    _check_unexpected(path, unexpected)
     missing = [k for k in expected if k not in out]
     for ds, got in filled.items():
         if len(got) != expected[ds].shape[0]:
