@@ -12,6 +12,7 @@ from dsv3.config import preset
 from dsv3.model import mla as mla_mod
 from dsv3.model.mla import blocked_causal_attention
 from dsv3.model.norm import RMSNorm, _RMSNormFn
+from dsv3.train.trainer import compile_model
 
 
 def rel(a, b):
@@ -129,6 +130,9 @@ def test_compiled_mla_takes_the_blocked_path_and_eager_the_fused_kernel(monkeypa
     gw = {n: p.grad.clone() for n, p in attn.named_parameters()}
     attn.zero_grad()
     x.grad = None
+    assert not attn.blocked_attention  # off unless whoever compiles turns it on
+    compile_model(model, backend="aot_eager")  # on a CPU model: turns it on, as dsv3 train does
+    assert attn.blocked_attention
     compiled = torch.compile(attn, backend="aot_eager", dynamic=False)
     got = compiled(x, cos, sin, None, mask)
     assert calls and calls[0][1] == 70  # traced through the blocked path (S = 70: two blocks)

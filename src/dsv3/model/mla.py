@@ -35,7 +35,7 @@ def blocked_causal_attention(q, k, v, scale: float) -> torch.Tensor:
     and a softmax per block of MATH_ATTN_BLOCK query rows: rows [i, e) only see keys [0, e), so most
     of the masked upper triangle is never computed (5/8 of the full score matrix at 4 blocks), and V
     needs no zero padding to the query head dim. Scores and softmax in fp32 (DESIGN.md), as SDPA
-    accumulates internally. Only used under torch.compile (MLA._naive), where inductor fuses the
+    accumulates internally. Only used under torch.compile (MLA._naive, when MLA.blocked_attention is set), where inductor fuses the
     scale, mask and softmax (forward and backward) around the GEMMs: there it ran ~1.3x faster than
     the fused CPU kernel at S = 128 and 256 (docs/training.md); eagerly the fused kernel is faster."""
     S = q.shape[1]
@@ -71,6 +71,9 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(h * self.v_dim, dim, bias=False)
         self.softmax_scale = cfg.softmax_scale
+        # naive-path causal attention as blocked_causal_attention while torch.compile traces it; who
+        # compiles decides (dsv3.train.trainer.compile_model turns it on for CPU training)
+        self.blocked_attention = False
         self.interleave = cfg.rope_interleave
         # "naive", "absorb", or "auto": whichever needs fewer FLOPs for this query/key shape (naive for
         # prefill and training, absorbed for decode and short verify chunks over a long cache).
@@ -114,7 +117,7 @@ class MLA(nn.Module):
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, pe[:, :, None, :].expand(B, L, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        if mask is None and S <= MATH_ATTN_MAX_LEN and q.device.type == "cpu" and torch.compiler.is_compiling():
+        if self.blocked_attention and mask is None and S <= MATH_ATTN_MAX_LEN and torch.compiler.is_compiling():
             return blocked_causal_attention(q, k, v, self.softmax_scale)  # plain causal, no cache: L == S
         # SDPA accumulates and normalises in fp32 internally; (B, H, S, D) layout
         attn_mask = None if mask is None else mask[:, None, :, :]
