@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench llamacpp clean
 
 install: $(VENV)/.installed
 
@@ -28,5 +28,15 @@ demo: install
 bench: install
 	$(PY) benchmarks/model_bench.py
 
+# Optional: llama.cpp as a second reference in `dsv3 bench` and benchmarks/engine_bench.py (--llama-cpp).
+# PyPI ships llama-cpp-python as source only: this builds llama.cpp (about 15 minutes on two cores) and
+# unpacks llama.cpp's HF -> GGUF converter from the same source package into .cache/llamacpp.
+LLAMACPP_VERSION ?= 0.3.36
+llamacpp: install
+	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d .cache/llamacpp
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF" \
+		$(PIP) install -q .cache/llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+	$(PY) -m dsv3.commands.llamacpp unpack ".cache/llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz" .cache/llamacpp
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

@@ -244,6 +244,9 @@ def main(argv=None):
                    help="MTP section on a trained checkpoint with a tokenizer: this many prompts from the held-out "
                         "end of data/tinyshakespeare.txt, decoded one after another at batch 1 (default 8)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers reference")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="llama.cpp (make llamacpp) as a second reference for batch-1 decode, on the same checkpoint "
+                        "converted to F32 GGUF by llama.cpp's own converter")
     p.add_argument("--mtp-only", action="store_true", help="only the MTP section")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
@@ -280,16 +283,33 @@ def main(argv=None):
             from transformers import DeepseekV3ForCausalLM
             transformers.logging.set_verbosity_error()
             hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        lc = None
+        if args.llama_cpp:
+            from dsv3.commands import llamacpp
+
+            converter = llamacpp.default_converter()
+            why = llamacpp.missing(converter)
+            if why:
+                sys.exit(f"--llama-cpp: {why}")
+            if args.dtype != "float32":
+                sys.exit("--llama-cpp: measured on F32 weights only (--dtype float32)")
+            gguf = llamacpp.convert(folder, os.path.join(tmp, "gguf"), converter)
+            lc = llamacpp.LlamaCpp(gguf, n_ctx=args.prompt_len + args.new_tokens + 8, threads=args.threads)
+            lc.greedy(prompts[0], 4, CLOCK)  # warm-up
         engine = Engine(model, eos_token_id=None, max_num_seqs=max(16, args.batch))
         engine_decode(engine, prompts[:1], 4)  # warm-up
-        runs = {"engine": [], "dsv3.generate": [], "transformers": [], "bw": [],
+        runs = {"engine": [], "dsv3.generate": [], "transformers": [], "llama.cpp": [], "bw": [],
                 "engine_b": [], "transformers_b": []}
+        lc_tokens = None
         for r in range(args.rounds):
             runs["bw"].append(copy_bandwidth())
             runs["engine"].append(engine_decode(engine, prompts[:1], args.new_tokens))
             runs["dsv3.generate"].append(dsv3_generate_decode(model, prompts[:1], args.new_tokens))
             if hf is not None:
                 runs["transformers"].append(hf_decode(hf, prompts[:1], args.new_tokens))
+            if lc is not None:
+                lc_tokens, sec = lc.greedy(prompts[0], args.new_tokens, CLOCK)
+                runs["llama.cpp"].append((args.new_tokens - 1) / sec)
             runs["engine_b"].append(engine_decode(engine, prompts, args.new_tokens))
             if hf is not None:
                 runs["transformers_b"].append(hf_decode(hf, prompts, args.new_tokens))
@@ -301,13 +321,14 @@ def main(argv=None):
         # greedy decoding in dsv3 reads the int8 copy of the head when the screen applies
         from dsv3.infer.screen import greedy_head
         bpt_dsv3 = bytes_per_token(model, ctx, cache_elem, 1 if greedy_head(model) is not None else None)
-        bytes_of = {"engine": bpt_dsv3, "dsv3.generate": bpt_dsv3, "transformers": bpt}
+        # llama.cpp reads every weight in F32 like transformers (its latent cache is kept in F32 too)
+        bytes_of = {"engine": bpt_dsv3, "dsv3.generate": bpt_dsv3, "transformers": bpt, "llama.cpp": bpt}
 
         def ratio(a, b):  # median over rounds of the ratio measured within a round (the load drifts)
             return statistics.median(x / y for x, y in zip(runs[a], runs[b])) if runs[a] and runs[b] else float("nan")
 
         rows = []
-        for k in ("engine", "dsv3.generate", "transformers"):
+        for k in ("engine", "dsv3.generate", "transformers", "llama.cpp"):
             if k in med:
                 rows.append((k, f"{med[k]:.2f}", f"{ratio(k, 'transformers'):.2f}x", f"{bytes_of[k] / 1e6:.1f}",
                              f"{100 * statistics.median(x * bytes_of[k] / b for x, b in zip(runs[k], runs['bw'])):.0f}%"))
@@ -317,6 +338,13 @@ def main(argv=None):
               f"as int8 when greedy: {bpt_dsv3 / 1e6:.1f} MB vs {bpt / 1e6:.1f} MB) / "
               f"{med['bw'] / 1e9:.2f} GB/s copy bandwidth (median) = {med['bw'] / bpt_dsv3:.1f} tokens/s for dsv3, "
               f"{med['bw'] / bpt:.1f} for transformers; ratios and % are medians of per-round figures\n")
+        if lc is not None:
+            ours = dsv3.generate(model, prompts[:1], args.new_tokens)[0]
+            agree = next((i for i, (x, y) in enumerate(zip(lc_tokens, ours)) if x != y), len(ours))
+            print(f"llama.cpp (GGUF F32 from llama.cpp's converter, {args.threads} threads): greedy tokens agree with "
+                  f"dsv3's for {agree}/{len(ours)}; engine / llama.cpp {ratio('engine', 'llama.cpp'):.2f}x\n")
+            res["llama_cpp_tokens_agree"] = f"{agree}/{len(ours)}"
+            lc.close()
         roof = med["bw"] / bpt_dsv3
         rows = [("engine, 1 sequence", f"{med['engine']:.2f}", "1.00x"),
                 (f"engine, {args.batch} sequences", f"{med['engine_b']:.2f}",

@@ -49,6 +49,11 @@ def configure(p):
                    help="also show where the time goes: per module category for both models (decode step and "
                         "prefill) and dsv3's top aten ops with their shapes")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also measure llama.cpp (installed by `make llamacpp`) on the same checkpoint, converted "
+                        "by llama.cpp's own converter: prefill and decode against transformers, paired")
+    p.add_argument("--llama-cpp-converter", default=None, metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py (default: the one `make llamacpp` unpacks)")
 
 
 # ---------------------------------------------------------------- models with identical weights
@@ -192,7 +197,8 @@ def dsv3_cache_bytes(cache, n_tokens: int, n_layers: int) -> tuple[float, str]:
 # ---------------------------------------------------------------- the benchmark
 
 def bench_dtype(path: str, dtype_name: str, prompt_len: int, decode_prompt_len: int, decode_tokens: int,
-                repeats: int, warmup: int, seed: int, do_generate: bool = True, profile: bool = False) -> dict:
+                repeats: int, warmup: int, seed: int, do_generate: bool = True, profile: bool = False,
+                gguf: str | None = None) -> dict:
     # Load outside inference_mode, as users do: parameters created under inference_mode are
     # inference tensors, and then a (1, 1, D) slice of a longer hidden state sent through the bf16
     # head takes an unfolded bmm path that copies the whole (D, V) weight per call (~20x slower
@@ -200,11 +206,11 @@ def bench_dtype(path: str, dtype_name: str, prompt_len: int, decode_prompt_len: 
     ours, ref = load_pair(path, DTYPES[dtype_name])
     with torch.inference_mode():
         return _bench_loaded(ours, ref, dtype_name, prompt_len, decode_prompt_len, decode_tokens, repeats, warmup,
-                             seed, do_generate, profile)
+                             seed, do_generate, profile, gguf)
 
 
 def _bench_loaded(ours, ref, dtype_name, prompt_len, decode_prompt_len, decode_tokens, repeats, warmup, seed,
-                  do_generate, profile) -> dict:
+                  do_generate, profile, gguf=None) -> dict:
     dtype = DTYPES[dtype_name]
     cfg = ours.config
     g = torch.Generator().manual_seed(seed)
@@ -281,10 +287,46 @@ def _bench_loaded(ours, ref, dtype_name, prompt_len, decode_prompt_len, decode_t
                                          f"{cfg.num_hidden_layers} layers)")
     res["checks"]["kv_dsv3_equals_formula"] = kb_ours == cfg.kv_cache_dim * elem
 
+    if gguf is not None:
+        res["llama_cpp"] = _bench_llama_cpp(gguf, ref, tokens, prompt, n, toks_ours, res["rows"], repeats, warmup)
     if profile:
         res["profile"] = profile_models(ours, ref, tokens, prompt, n)
     del ours, ref
     return res
+
+
+def _bench_llama_cpp(gguf, ref, tokens, prompt, n, toks_ours, rows, repeats, warmup) -> dict:
+    """llama.cpp against transformers, interleaved run by run as dsv3 was: prefill of the same tokens
+    and n greedy decode steps after the same prompt. dsv3 / llama.cpp is the quotient of the two
+    paired ratios (each measured against transformers in its own pass)."""
+    from dsv3.commands.llamacpp import LlamaCpp
+
+    lc = LlamaCpp(gguf, n_ctx=max(tokens.shape[1], prompt.shape[1] + n + 1), threads=torch.get_num_threads())
+    out = {"rows": []}
+    last = {}
+    try:
+        plist, tlist = prompt[0].tolist(), tokens[0].tolist()
+
+        def dec_lc():
+            last["toks"], sec = lc.greedy(plist, n + 1)  # the first token comes with the prefill, untimed
+            return sec
+
+        passes = (("prefill", tokens.shape[1], lambda: lc.prefill(tlist), lambda: _hf_prefill(ref, tokens)),
+                  ("decode", n, dec_lc, lambda: _hf_decode(ref, prompt, n)[0]))
+        for what, count, fn_lc, fn_ref in passes:
+            dsv3_row = next(r for r in rows if r["metric"].startswith(what))
+            t_lc, t_ref = _interleaved(fn_lc, fn_ref, repeats, warmup)
+            lc_v, ref_v = count / statistics.median(t_lc), count / statistics.median(t_ref)
+            paired = statistics.median(b / a for a, b in zip(t_lc, t_ref))  # tokens/s ratio run by run
+            out["rows"].append({"metric": f"llama.cpp {what}", "llama_cpp": lc_v, "transformers": ref_v,
+                                "ratio": lc_v / ref_v, "paired_ratio": paired,
+                                "dsv3_over_llama_cpp": dsv3_row["paired_ratio"] / paired,
+                                "llama_cpp_runs": [count / t for t in t_lc]})
+        agree = next((i for i, (x, y) in enumerate(zip(last["toks"], toks_ours)) if x != y), len(toks_ours))
+        out["greedy_tokens_agree_with_dsv3"] = f"{agree}/{len(toks_ours)}"
+    finally:
+        lc.close()
+    return out
 
 
 # ---------------------------------------------------------------- where the time goes
@@ -513,6 +555,16 @@ def format_table(res: dict) -> str:
                  f"KV bytes == formula: {c['kv_dsv3_equals_formula']}")
     for k, v in res["details"].items():
         lines.append(f"  {k}: {v}")
+    if "llama_cpp" in res:
+        lc = res["llama_cpp"]
+        lines.append(f"llama.cpp on the same checkpoint (GGUF from llama.cpp's converter; its own pass against "
+                     f"transformers); greedy tokens agree with dsv3's for {lc['greedy_tokens_agree_with_dsv3']} steps")
+        head = f"{'metric':<42} {'unit':>6} {'llama.cpp':>12} {'transformers':>13} {'llama.cpp/tf':>18} {'paired':>7} " \
+               f"{'dsv3/llama.cpp':>15}"
+        lines += [head, "-" * len(head)]
+        for r in lc["rows"]:
+            lines.append(f"{r['metric']:<42} {'tok/s':>6} {r['llama_cpp']:12.1f} {r['transformers']:13.1f} "
+                         f"{r['ratio']:17.2f}x {r['paired_ratio']:6.2f}x {r['dsv3_over_llama_cpp']:14.2f}x")
     if "profile" in res:
         lines.append(format_profile(res["profile"]))
     return "\n".join(lines)
@@ -550,6 +602,14 @@ def run(args):
 
     torch.set_num_threads(args.threads)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    converter = None
+    if args.llama_cpp:
+        from dsv3.commands import llamacpp
+
+        converter = args.llama_cpp_converter or llamacpp.default_converter()
+        why = llamacpp.missing(converter)
+        if why:
+            raise ValueError(f"--llama-cpp: {why}")
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-") as tmp:
         if args.model is not None:
             if not os.path.isdir(args.model):
@@ -573,8 +633,15 @@ def run(args):
         print(f"medians of {args.repeats} runs after {args.warmup} warmup; ratios are dsv3 / transformers\n")
         results = []
         for d in dtypes:
+            gguf = None
+            if args.llama_cpp:
+                from dsv3.commands import llamacpp
+
+                gguf = llamacpp.convert(path, os.path.join(tmp, f"gguf-{d}"), converter,
+                                        outtype={"fp32": "f32", "bf16": "bf16"}[d])
             res = bench_dtype(path, d, args.prompt_len, args.decode_prompt_len, args.decode_tokens, args.repeats,
-                              args.warmup, args.seed, do_generate=not args.no_generate, profile=args.profile)
+                              args.warmup, args.seed, do_generate=not args.no_generate, profile=args.profile,
+                              gguf=gguf)
             results.append(res)
             print(format_table(res), end="\n\n", flush=True)
     if args.json:
