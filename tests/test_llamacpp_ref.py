@@ -96,18 +96,24 @@ def _have_llama_cpp():
 
 
 @pytest.mark.skipif(not _have_llama_cpp(), reason="llama.cpp not installed here (make llamacpp)")
-def test_llama_cpp_greedy_tokens_equal_dsv3(tmp_path):
-    """An implementation nobody here wrote, from the same weights: llama.cpp's greedy decode of a
-    model with DeepSeek-V3's routing (sigmoid, groups, bias), YaRN and q-LoRA equals dsv3's."""
+@pytest.mark.parametrize("family", ["v3", "v2"])
+def test_llama_cpp_greedy_tokens_equal_dsv3(tmp_path, family):
+    """An implementation nobody here wrote, from the same weights: llama.cpp's greedy decode equals
+    dsv3's for a model with DeepSeek-V3's routing (sigmoid, groups, bias), YaRN and q-LoRA, and for a
+    DeepSeek-V2-style one (softmax scores, greedy top-k, no renormalisation)."""
     import dsv3
     from dsv3.config import preset
 
     cfg = preset("tiny").replace(vocab_size=129280, num_nextn_predict_layers=0)
+    if family == "v2":
+        cfg = cfg.replace(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                          norm_topk_prob=False, routed_scaling_factor=1.0)
+        # (q-LoRA kept: llama.cpp reads "no q_lora_rank" only for 27-layer models, i.e. V2-Lite itself)
     torch.manual_seed(0)
     model = dsv3.Transformer(cfg).init_weights(0.05).eval()
     with torch.no_grad():
         for layer in model.layers:
-            if hasattr(layer.ffn, "gate"):
+            if getattr(getattr(layer.ffn, "gate", None), "bias", None) is not None:
                 layer.ffn.gate.bias.copy_(torch.randn(cfg.n_routed_experts) * 0.05)
     dsv3.save_model(model, tmp_path / "ckpt")
     gguf = llamacpp.convert(str(tmp_path / "ckpt"), str(tmp_path / "work"), llamacpp.default_converter())
