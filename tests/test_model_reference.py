@@ -1,5 +1,7 @@
 """dsv3 against transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (fp32, CPU), through
 save_pretrained -> dsv3.load_model, the loader users use."""
+import zlib
+
 import pytest
 import torch
 
@@ -21,9 +23,17 @@ V3_CASES = {
 }
 
 
+def _seed(case: str) -> int:
+    """A fixed seed per case. (It was hash(case) % 1000, which Python salts per process: one CI run
+    drew seed 384, where one token's two best biased router scores in layer 2 differ by 6e-8, one fp32
+    ulp, and the two libraries' router GEMMs round that token's logits differently, so each picks a
+    different expert: a tie in fp32, not a disagreement about the routing rule.)"""
+    return zlib.crc32(case.encode()) % 1000
+
+
 @pytest.mark.parametrize("case", list(V3_CASES))
 def test_v3_logits_match_transformers(tmp_path, case):
-    ref = make_v3(tmp_path, seed=hash(case) % 1000, **V3_CASES[case])
+    ref = make_v3(tmp_path, seed=_seed(case), **V3_CASES[case])
     model = dsv3.load_model(tmp_path, dtype=torch.float32)
     x = torch.randint(0, ref.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
