@@ -32,8 +32,17 @@ exact logits (the first of equal ones). It is the argmax of fp32 logits except w
 reorders two logits within ~1e-6 relative of each other; there two BLAS libraries (or two block
 positions of one GEMV) can disagree too.
 
-Used by greedy decoding in `dsv3.generate`, the engine and MTP drafting/verification, for fp32 heads
-on CPU; other cases compute the full logits.
+bf16 heads (the dtype of the released checkpoints) are screened the same way, from the int8 copy of
+their values. A bf16 model's greedy token is the argmax of its bf16 logits, which are the fp32-
+accumulated products rounded to bf16, the first of equal ones: ties after rounding are common (8
+significant bits). So every row whose exact logit may round to the best one's value is a candidate
+(the threshold is lowered by 2^-6 of the best logit's magnitude, at least one bf16 spacing), the
+candidates' fp32 products are rounded to bf16, and the lowest id among the largest wins. That is the
+plain path's token except where an fp32 product lies within its accumulation error of a bf16 rounding
+boundary, where two GEMM kernels can round it differently too.
+
+Used by greedy decoding in `dsv3.generate`, the engine and MTP drafting/verification, for fp32 and
+bf16 heads on CPU; other cases compute the full logits.
 """
 from __future__ import annotations
 
@@ -42,6 +51,8 @@ import functools
 import re
 
 import torch
+
+from dsv3.model.mla import version_key
 
 # Below this many head elements the full product is cheap and the screen is not worth its setup.
 MIN_ELEMENTS = 1 << 22
@@ -55,6 +66,10 @@ CHUNK = 64
 MAX_CANDIDATES = 4096
 # the kernel's fp32 output scaling and the reference's fp32 dot product, per unit of L1_i ||h||_inf
 _ROUNDING = 2.0 ** -18
+# head dtypes the screen takes, and for bf16 the relative width of the band of logits that can round
+# to the best one's bf16 value (one spacing is at most 2^-7 of the magnitude; twice that for safety)
+DTYPES = (torch.float32, torch.bfloat16)
+_BF16_BAND = 2.0 ** -6
 
 
 def _engine() -> str | None:
@@ -102,19 +117,20 @@ def _quant_engine(name: str):
 
 
 class GreedyHead:
-    """Exact argmax over `weight @ h` (weight (V, D) fp32) that reads an int8 copy of the weight.
+    """Exact argmax over `weight @ h` (weight (V, D) fp32 or bf16) that reads an int8 copy of the weight.
 
     kernel: "onednn" (the activation quantized here, r measured), "dynamic" (torch's dynamic int8
     linear; the twin the tests tie to it, and the fallback where oneDNN's op is missing), or None for
     the first available."""
 
     def __init__(self, weight: torch.Tensor, kernel: str | None = None):
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError("GreedyHead needs a 2-D fp32 CPU weight")
+        if weight.dtype not in DTYPES or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError("GreedyHead needs a 2-D fp32 or bf16 CPU weight")
         if kernel not in (None, "onednn", "dynamic"):
             raise ValueError(f"kernel must be None, 'onednn' or 'dynamic', got {kernel!r}")
-        w = weight.detach()
-        self.weight = w
+        self.weight = weight.detach()  # rescoring reads candidate rows of it
+        self.bf16 = weight.dtype == torch.bfloat16
+        w = self.weight.float()  # the values (exact for bf16), from which the int8 copy and norms are made
         V, D = w.shape
         # per-row symmetric int8 quantization (zero rows get scale 1 and stay exactly 0)
         scale = w.abs().amax(dim=1) / 127.0
@@ -155,12 +171,12 @@ class GreedyHead:
                 qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
             self.kernel, self.engine = "dynamic", engine
-        self.version = (w.data_ptr(), w._version)
+        self.version = version_key(self.weight)
         self.rows = self.candidates = self.fallbacks = 0  # statistics: rows screened, candidates rescored
 
     @staticmethod
     def supported(weight: torch.Tensor) -> bool:
-        return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+        return (weight.dtype in DTYPES and weight.device.type == "cpu" and weight.dim() == 2
                 and weight.numel() >= MIN_ELEMENTS and (_onednn_linear() is not None or _engine() is not None))
 
     def _screen(self, h: torch.Tensor):
@@ -208,8 +224,10 @@ class GreedyHead:
         return sum(m * x for m, x in zip(self._factor_max, t))
 
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
-        """h (R, D) -> (R,) int64: argmax of the fp32 logits W h_r, for each row."""
+        """h (R, D) -> (R,) int64: argmax of the logits W h_r, for each row (fp32 logits, or for a bf16
+        head the bf16 logits, first of equal ones: see the module docstring)."""
         assert h.dim() == 2 and h.shape[1] == self.weight.shape[1]
+        h_in = h
         h = h.float().contiguous()
         R, D = h.shape
         # The kernel quantizes all rows with one scale: rows scaled to max |h_r| = 1 each get the
@@ -223,10 +241,10 @@ class GreedyHead:
         counts = torch.bincount(row_of, minlength=R)
         out = torch.empty(R, dtype=torch.long)
         bad = (counts == 0) | (counts > MAX_CANDIDATES)
-        if bool(bad.any()):  # bound too loose (extreme outliers) or h not finite: fp32 in full
+        if bool(bad.any()):  # bound too loose (extreme outliers) or h not finite: the full product
             for r in bad.nonzero().squeeze(1).tolist():
                 self.fallbacks += 1
-                out[r] = torch.nn.functional.linear(h[r:r + 1], self.weight).argmax()
+                out[r] = torch.nn.functional.linear(h_in[r:r + 1].to(self.weight.dtype), self.weight).argmax()
             keep = ~bad[row_of]
             row_of, ids, counts = row_of[keep], ids[keep], counts.masked_fill(bad, 0)
         n = ids.numel()
@@ -235,9 +253,19 @@ class GreedyHead:
         self.candidates += n
         # One gather of every row's candidates, then one GEMV per row on its slice (a product of all
         # candidates with all rows would multiply R times the weights needed)
-        wc = self.weight.index_select(0, ids)  # (n, D)
+        wc = self.weight.index_select(0, ids).float()  # (n, D)
         cl = counts.tolist()
         exact = torch.cat([torch.mv(w, h[r]) for r, w in enumerate(wc.split(cl)) if cl[r]])  # (n,) fp32
+        if self.bf16:
+            # the bf16 logits: the fp32 products rounded; the lowest id among the largest (ids ascend
+            # within a row)
+            rounded = exact.to(torch.bfloat16).float()
+            best = torch.full((R,), float("-inf")).scatter_reduce_(0, row_of, rounded, "amax")
+            top = (rounded == best[row_of]).nonzero().squeeze(1)
+            first = torch.full((R,), torch.iinfo(torch.long).max).scatter_reduce_(0, row_of[top], ids[top], "amin")
+            rows = torch.bincount(row_of, minlength=R) > 0
+            out[rows] = first[rows]
+            return out
         # fp32 GEMV kernels round a dot product differently depending on where the row sits in the
         # block (two equal rows can differ in the last bit). Each fp32 value is within
         # D u ||w_i||_1 ||h||_inf of the exact one, so every row that may truly be the best lies within
@@ -258,7 +286,8 @@ class GreedyHead:
         """a (R, V) approximate logits, terms: the (R,) terms of each row's bound (_screen) -> (row,
         id) pairs, row-major with ascending ids, of every i with a_i + b_i >= max_k (a_k - b_k) - slack_r:
         the candidates of step 3 in the module docstring (slack_r covers the fp32 rounding of these
-        sums). A row whose a or bound is not finite has none.
+        sums and, for a bf16 head, the band of logits that may round to the best one's bf16 value). A
+        row whose a or bound is not finite has none.
 
         One pass over a: the maxima of CHUNK-wide chunks give the row maxima and, with the largest b
         of each chunk, the few chunks that can hold a candidate; only those are read again. (A
@@ -282,7 +311,10 @@ class GreedyHead:
             k = tj + body_n if not n else torch.where(tv > a[r_ar, k], tj + body_n, k)
         ak = a[r_ar, k]
         m0, m1, m2 = self._factor_max
-        slack = 2.0 ** -20 * (ak.abs() + 4 * (m0 * t0 + m1 * t1 + m2 * t2))
+        bmax = m0 * t0 + m1 * t1 + m2 * t2
+        slack = 2.0 ** -20 * (ak.abs() + 4 * bmax)
+        if self.bf16:  # every row whose logit may round to the best one's bf16 value; |best| <= |a_k| + bmax
+            slack = slack + _BF16_BAND * (ak.abs() + bmax)
         thr = ak - (f0[k] * t0 + f1[k] * t1 + f2[k] * t2) - slack  # (R,)
         row_of = ids = torch.empty(0, dtype=torch.long)
         av = a.new_empty(0)
@@ -311,7 +343,7 @@ class GreedyHead:
         return row_of[keep], ids[keep]
 
     def stale(self, weight: torch.Tensor) -> bool:
-        return (weight.data_ptr(), weight._version) != self.version
+        return version_key(weight) != self.version
 
 
 @contextlib.contextmanager
@@ -325,8 +357,8 @@ def _quiet():
 
 def greedy_head(model, rows: int = 1) -> GreedyHead | None:
     """The model's GreedyHead for its output head, built once and rebuilt when the weight changes;
-    None where the screen does not apply (more than MAX_ROWS rows at once, a non-fp32 or non-CPU
-    head, a small vocabulary, no quantized engine)."""
+    None where the screen does not apply (more than MAX_ROWS rows at once, a head neither fp32 nor
+    bf16, a non-CPU head, a small vocabulary, no quantized engine)."""
     if rows > MAX_ROWS:
         return None
     head = model.head

@@ -140,7 +140,7 @@ class MLA(nn.Module):
         if torch.is_grad_enabled() and w.requires_grad:
             w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             return w[:, :self.nope], w[:, self.nope:]
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = version_key(w)
         if getattr(self, "_absorb_key", None) != key:
             w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank)
             w_vt = w3[:, self.nope:].transpose(1, 2).contiguous()  # (H, C, v)
@@ -167,6 +167,15 @@ class MLA(nn.Module):
         o_lat = torch.bmm(p, kv)  # (B, S*H, C)
         o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_v.transpose(1, 2))  # (H, B*S, v)
         return o.transpose(0, 1).view(B, S, H, -1)  # (B, S, H, v)
+
+
+def version_key(t: torch.Tensor) -> tuple:
+    """What identifies a weight's current values for the caches built from it (absorbed attention's
+    per-head copies, the greedy head screen): its storage and, where tracked, its version counter.
+    Inference tensors (a model built, loaded or converted under torch.inference_mode) keep no version
+    counter: for them a new storage is what marks a change (they can only be modified in place inside
+    inference mode, and such an in-place change is not seen)."""
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
 
 
 def _joined(kv: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
