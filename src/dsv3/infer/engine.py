@@ -721,10 +721,11 @@ class Engine:
 
     def _screened(self, reqs: list[Request], h: torch.Tensor, need_logprobs: bool = True):
         """Greedy tokens for hidden states h (R, D), one row per request (or two consecutive rows per
-        request in verification), through the int8 screen of the head (dsv3.infer.screen):
-        exactly the argmax of the fp32 logits, without reading the fp32 head in full. None when any
-        request needs the full logits (sampling, penalties, a masked stop id, logprobs) or the screen
-        does not apply (dtype, device, vocabulary size, too many rows); the caller then computes them."""
+        request in verification), through the int8 screen of the head (dsv3.infer.screen): exactly
+        the argmax of the full logits (fp32, or bf16 with ties to the lowest id), without reading the
+        head in full. None when any request needs the full logits (sampling, penalties, a masked stop
+        id, logprobs) or the screen does not apply (dtype, device, vocabulary size, too many rows);
+        the caller then computes them."""
         for r in reqs:
             p = r.params
             if not p.greedy or p.penalised or (need_logprobs and p.logprobs is not None):
