@@ -287,10 +287,10 @@ def main(argv=None):
         if args.llama_cpp:
             from dsv3.commands import llamacpp
 
-            converter = llamacpp.default_converter()
-            why = llamacpp.missing(converter)
-            if why:
-                sys.exit(f"--llama-cpp: {why}")
+            try:
+                converter = llamacpp.require()
+            except ValueError as e:
+                sys.exit(str(e))
             if args.dtype != "float32":
                 sys.exit("--llama-cpp: measured on F32 weights only (--dtype float32)")
             gguf = llamacpp.convert(folder, os.path.join(tmp, "gguf"), converter)

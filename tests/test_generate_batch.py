@@ -174,7 +174,7 @@ BAD = [
     ("p.jsonl", '{"prompt": "a", "max_new_tokens": true}\n', [], r'p\.jsonl:1: "max_new_tokens" must be an integer'),
     ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "temperature": -1}\n', [], r"p\.jsonl:2: .*temperature"),
     ("p.jsonl", '{"prompt_ids": [3]}\n', ["--chat"], r"p\.jsonl:1: --chat wraps text prompts"),
-    ("p.txt", "a\n" + "b" * 9000 + "\n", [], r"p\.txt:2: the prompt has \d+ tokens .* context length is 4096"),
+    ("p.txt", "a\n" + "b" * 9000 + "\n", [], r"p\.txt:2: the prompt has \d+ tokens; the context length is 4096"),
     ("p.txt", "a\n", ["--output", "missing/out.jsonl"], r"--output .*missing/out\.jsonl.*does not exist"),
 ]
 

@@ -52,10 +52,29 @@ def torchrun(nproc, args, timeout=240):
     return r.stdout
 
 
+def kill_job(proc):
+    """SIGKILL torchrun and its workers (each in a session of its own: a killed torchrun orphans them)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:  # the parent pid
+            kids.append(int(stat.parent.name))
+    for pid in (proc.pid, *kids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 @contextlib.contextmanager
 def torchrun_server(model_dir, flags, nproc=2):
     """`torchrun --nproc-per-node N -m dsv3 serve --model DIR *flags` (gloo, 1 thread per rank, served
-    as model "m") on a free port; yields its URL once /health answers, then SIGTERM (SIGKILL after 60 s)."""
+    as model "m") on a free port; yields its URL once /health answers, then SIGTERM (after 60 s SIGKILL to
+    torchrun and its workers)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
@@ -81,8 +100,7 @@ def torchrun_server(model_dir, flags, nproc=2):
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            kill_job(proc)
 
 
 def records(out, kind):

@@ -30,6 +30,7 @@ from dsv3.infer.params import ABORT, LENGTH, STOP, RequestOutput, SamplingParams
 from dsv3.infer.replicas import InProcessTransport, Reply, ReplicatedEngine
 from dsv3.parallel.dist import free_port
 
+from test_parallel_cli import kill_job
 from test_serve_api import build_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -510,25 +511,7 @@ def test_serve_dp2_under_torchrun(tmp_path):
         assert "rank 1: data-parallel replica stopped" in text and "rank 0: data-parallel server stopped" in text, \
             text[-3000:]
     finally:
-        _kill_job(proc)  # whatever is left of the job (nothing, when it passed)
-
-
-def _kill_job(proc):
-    """SIGKILL torchrun and its workers (each in a session of its own: a killed torchrun orphans them)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == proc.pid:  # the parent pid
-            kids.append(int(stat.parent.name))
-    for pid in (proc.pid, *kids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+        kill_job(proc)  # whatever is left of the job (nothing, when it passed)
 
 
 async def _aiter_sse(r):

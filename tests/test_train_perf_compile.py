@@ -109,7 +109,6 @@ def test_compiled_trainer_runs_other_batch_sizes_eagerly(monkeypatch):
     # The batch-size ramp (2 -> 4) with compile: one compiled shape (the full micro-batch of 4 rows),
     # the ramp's smaller batches eager; the same batch sizes, losses and updates as an eager run.
     import numpy as np
-    from torch._dynamo.backends.common import aot_autograd  # noqa: F401 (aot_eager's machinery)
 
     import dsv3.train.trainer as tr
     from dsv3.train.data import TokenDataset

@@ -606,10 +606,7 @@ def run(args):
     if args.llama_cpp:
         from dsv3.commands import llamacpp
 
-        converter = args.llama_cpp_converter or llamacpp.default_converter()
-        why = llamacpp.missing(converter)
-        if why:
-            raise ValueError(f"--llama-cpp: {why}")
+        converter = llamacpp.require(args.llama_cpp_converter)
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-") as tmp:
         if args.model is not None:
             if not os.path.isdir(args.model):
@@ -634,9 +631,7 @@ def run(args):
         results = []
         for d in dtypes:
             gguf = None
-            if args.llama_cpp:
-                from dsv3.commands import llamacpp
-
+            if converter is not None:
                 gguf = llamacpp.convert(path, os.path.join(tmp, f"gguf-{d}"), converter,
                                         outtype={"fp32": "f32", "bf16": "bf16"}[d])
             res = bench_dtype(path, d, args.prompt_len, args.decode_prompt_len, args.decode_tokens, args.repeats,

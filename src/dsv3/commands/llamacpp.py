@@ -43,6 +43,16 @@ def missing(converter: str) -> str | None:
     return None
 
 
+def require(converter: str | None = None) -> str:
+    """The converter's path when the llama.cpp reference can run here; ValueError saying what is
+    missing otherwise (the `--llama-cpp` flags of dsv3 bench and benchmarks/engine_bench.py)."""
+    converter = converter or default_converter()
+    why = missing(converter)
+    if why:
+        raise ValueError(f"--llama-cpp: {why}")
+    return converter
+
+
 def convert(folder: str, out_dir: str, converter: str, outtype: str = "f32") -> str:
     """folder (an HF-format checkpoint) -> path of a GGUF file llama.cpp loads, written by
     llama.cpp's own convert_hf_to_gguf.py."""

@@ -8,7 +8,6 @@ torchrun, `--dp N` runs N whole-model replicas: rank r takes the prompts with in
 them through its own Engine, and rank 0 gathers the records and writes the one output file.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -226,9 +225,6 @@ def _run(args, engine):
 LINE_KEYS = ("prompt", "prompt_ids", "max_new_tokens", "temperature", "seed")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}
-# the replicas of `--dp N` wait for each other in the final gather: a replica whose share finished
-# early may wait there for as long as the slowest one generates (hours for a large file)
-_GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclass
@@ -314,6 +310,8 @@ def read_prompts(args, cfg, tok) -> list[BatchItem]:
     (ValueError naming file and line) before any model work."""
     import dataclasses
 
+    from dsv3.infer.engine import check_request
+
     path, fmt = args.prompts_file, _prompts_format(args)
     lines = _read_lines(path)
     V, max_len = cfg.vocab_size, cfg.max_position_embeddings  # the Engine's context (load_engine sets no other)
@@ -348,15 +346,10 @@ def read_prompts(args, cfg, tok) -> list[BatchItem]:
             # gives, whichever replica runs it and whatever else is in the batch
             over["seed"] = base.seed + i
         params = dataclasses.replace(base, stop_token_ids=list(base.stop_token_ids), **over)
-        try:
-            params.validate(V)
+        try:  # the engine's own checks (the cache budget aside: the engine queues what does not fit now)
+            check_request(ids, params, V, max_len, block_size=1, usable_blocks=sys.maxsize)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if not ids:
-            raise ValueError(f"{where}: the prompt has no tokens")
-        if len(ids) >= max_len or len(ids) + params.max_new_tokens > max_len:
-            raise ValueError(f"{where}: the prompt has {len(ids)} tokens and asks for {params.max_new_tokens} new "
-                             f"ones; the model's context length is {max_len}")
         items.append(BatchItem(i, n, o.get("prompt"), o.get("prompt_ids"), ids, params))
     return items
 
@@ -547,44 +540,34 @@ def _batch_dp(args, items, tok, n: int) -> int:
     Engine; rank 0 gathers every rank's records and writes them in input order."""
     import torch.distributed as dist
 
-    import dsv3
-    from dsv3.parallel.dist import init_parallel
+    from dsv3.infer.replicas import init_replicas
 
-    _, dtype = _model_dtype(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    backend = args.dist_backend
-    if backend == "auto" and device.type != "cuda":
-        backend = "gloo"  # the replicas only exchange Python objects; no NCCL communicator for a CPU model
-    ctx = init_parallel(dp=n, backend=backend)
+    r = init_replicas(args)  # the same replica set-up as `dsv3 serve --dp`
+    is_main = r == 0
     try:
-        if device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)  # one GPU per replica, as torchrun numbers them
-        group = dist.new_group(backend="gloo", timeout=_GATHER_TIMEOUT)  # object collectives, on the CPU
-        r = ctx.coords["dp"]
         mine = items[r::n]  # items[i].index == i: the prompts with index % n == r
-        model = dsv3.load_model(args.model, dtype=dtype, device=device).eval()
-        engine = load_engine(args, model)
+        engine = load_engine(args)
         # a request this rank's engine refuses fails the whole run, on every rank, before any forward
         try:
             state, err = _add_requests(args, engine, tok, mine), None
         except ValueError as e:
             state, err = {}, (getattr(e, "line", 0), str(e))
         errs = [None] * n
-        dist.all_gather_object(errs, err, group=group)
+        dist.all_gather_object(errs, err)
         bad = sorted(e for e in errs if e is not None)
         if bad:
-            if ctx.is_main:
+            if is_main:
                 raise ValueError(bad[0][1])
             return 2  # rank 0 reports it
         t0 = time.perf_counter()
         # rank 0 shows its own share's progress (the others' bars would overwrite it on the same terminal)
-        with _progress(args, len(mine), desc=f"dp rank 0 of {n}", enabled=ctx.is_main) as bar:
+        with _progress(args, len(mine), desc=f"dp rank 0 of {n}", enabled=is_main) as bar:
             records = _run_requests(engine, state, bar)
-        got = [None] * n if ctx.is_main else None
-        dist.gather_object((records, engine.stats()), got, dst=0, group=group)
-        if not ctx.is_main:
+        got = [None] * n if is_main else None
+        # (a replica whose share finished early waits here for the slowest: the world group's timeout is
+        # the replicas' long command timeout)
+        dist.gather_object((records, engine.stats()), got, dst=0)
+        if not is_main:
             return 0
         dt = time.perf_counter() - t0
         records = [rec for recs, _ in got for rec in recs]
@@ -594,4 +577,5 @@ def _batch_dp(args, items, tok, n: int) -> int:
             _print_batch_stats(records, dt, [s for _, s in got])
         return 0
     finally:
-        ctx.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()

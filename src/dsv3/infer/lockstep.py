@@ -527,8 +527,8 @@ def check_serve_args(args) -> bool:
     dp = getattr(args, "dp", None)
     if dp not in (None, 1):
         # `dsv3 serve --dp N` is N whole-model replicas (dsv3.infer.replicas.serve_dp), not one lockstep engine
-        raise ValueError(f"--dp {dp}: data-parallel serving runs through dsv3.infer.replicas.serve_dp; --dp "
-                         f"together with --tp, --ep or --pp is not supported yet")
+        raise ValueError(f"--dp {dp}: data-parallel serving is whole-model replicas (dsv3.infer.replicas.serve_dp, "
+                         f"what `dsv3 serve --dp` runs), not a lockstep engine")
     return check_parallel_args(args, "serve")
 
 

@@ -52,7 +52,6 @@ they exit.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import pickle
@@ -69,17 +68,16 @@ import torch
 import torch.distributed as dist
 
 from dsv3.infer.engine import Engine, EngineStats, QueueFull, RequestRejected, check_request
+from dsv3.infer.lockstep import COMMAND_TIMEOUT  # idle replicas wait in a recv as long as nobody sends a request
 from dsv3.infer.params import ABORT, LENGTH, STOP, GeneratedTokens, RequestOutput, SamplingParams
 from dsv3.infer.speculative import SpecStats
 
 __all__ = ["ReplicatedEngine", "Replica", "DistTransport", "InProcessTransport", "ReplicaCollector", "replica_loop",
-           "check_dp_args", "serve_dp"]
+           "check_dp_args", "init_replicas", "serve_dp"]
 
 log = logging.getLogger("dsv3.replicas")
 
 _STOP = "stop"  # the command that ends replica_loop
-# an idle server's replicas wait in a recv for as long as nobody sends a request
-COMMAND_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass
@@ -166,9 +164,8 @@ class DistTransport:
     prompt logprobs) sends its rest right after: a second broadcast for the commands (every rank
     reads the length), a point-to-point send to rank 0 for a reply (rank 0 reads each length). So a
     step costs one collective each way in the common case; the object collectives of
-    torch.distributed cost five (sizes first, then the bytes: 1.2 ms against 0.37 ms per step over
-    loopback gloo, docs/parallel.md). Use a gloo group with a long timeout: idle replicas wait in
-    the broadcast's recv."""
+    torch.distributed cost five (sizes first, then the bytes; measured in docs/parallel.md). Use a gloo
+    group with a long timeout: idle replicas wait in the broadcast's recv."""
 
     def __init__(self, group=None, frame: int = FRAME):
         self.group = group
@@ -266,9 +263,8 @@ class ReplicatedEngine:
                  prefix_aware: bool = True, prefix_slack: int = 4, on_dead: Callable[[], None] | None = None):
         self.local, self.transport = local, transport
         self.size = transport.size
-        self.cfg, self.model = local.cfg, local.model
+        self.cfg = local.cfg
         self.max_model_len, self.block_size = local.max_model_len, local.block_size
-        self.eos_token_id = local.eos_token_id
         # the AsyncEngine's burst coalescing waits for at most this many arrivals
         self.max_num_seqs = local.max_num_seqs * self.size
         self.max_queue = max_queue
@@ -441,10 +437,11 @@ class ReplicatedEngine:
 
     def _keys(self, prompt: list[int]) -> list[int]:
         # a chain over the prompt's full blocks, those a prefix-cache hit can cover (Engine._admit leaves
-        # at least one token to compute); process-local hashes are enough: rank 0 alone compares them
+        # at least one token to compute), each with the token after it as the engine's block_key has
+        # (an MTP latent depends on it); process-local hashes are enough: rank 0 alone compares them
         bs, keys, h = self.block_size, [], 0
         for j in range((len(prompt) - 1) // bs):
-            h = hash((h, tuple(prompt[j * bs:(j + 1) * bs])))
+            h = hash((h, tuple(prompt[j * bs:(j + 1) * bs + 1])))
             keys.append(h)
         return keys
 
@@ -585,6 +582,20 @@ def check_dp_args(args) -> int:
     return dp
 
 
+def init_replicas(args) -> int:
+    """The torchrun ranks as whole-model replicas (`dsv3 serve --dp`, `dsv3 generate --prompts-file
+    --dp`): one device per replica (`--device cuda` becomes cuda:LOCAL_RANK; an explicit index is
+    kept) and a gloo world group with the long command timeout, since what the replicas exchange is
+    small CPU objects whatever the model's device. Returns this rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if args.device.startswith("cuda") and ":" not in args.device:
+        args.device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=COMMAND_TIMEOUT)
+    return rank
+
+
 def serve_dp(args) -> int:
     """`torchrun --nproc-per-node N -m dsv3 serve ... --dp N`: every rank builds the same Engine from the
     flags; rank 0 serves HTTP over a ReplicatedEngine, the others run replica_loop until rank 0 sends
@@ -594,13 +605,7 @@ def serve_dp(args) -> int:
     check_dp_args(args)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if args.device.startswith("cuda") and ":" not in args.device:
-        args.device = f"cuda:{local_rank}"  # one device per replica
-    if not dist.is_initialized():
-        # the control traffic is small CPU objects: gloo, whatever the device
-        dist.init_process_group("gloo", timeout=COMMAND_TIMEOUT)
+    rank = init_replicas(args)
     try:
         # every rank checks the flags and builds its engine; all fail together if any fails (a rank
         # left waiting in a collective for a peer that exited would wait for a year)

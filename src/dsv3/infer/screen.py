@@ -263,8 +263,7 @@ class GreedyHead:
             best = torch.full((R,), float("-inf")).scatter_reduce_(0, row_of, rounded, "amax")
             top = (rounded == best[row_of]).nonzero().squeeze(1)
             first = torch.full((R,), torch.iinfo(torch.long).max).scatter_reduce_(0, row_of[top], ids[top], "amin")
-            rows = torch.bincount(row_of, minlength=R) > 0
-            out[rows] = first[rows]
+            out[counts > 0] = first[counts > 0]  # rows that fell back above have count 0
             return out
         # fp32 GEMV kernels round a dot product differently depending on where the row sits in the
         # block (two equal rows can differ in the last bit). Each fp32 value is within

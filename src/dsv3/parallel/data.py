@@ -143,6 +143,14 @@ def data_parallel(model: nn.Module, ctx, mode: str = "fsdp", mp_policy=None) -> 
     return DataParallel(model, ctx.group("dense"), ctx.group("dp"), ctx.group("ep"), mode, mp_policy)
 
 
+def gather_expert_stack(t: torch.Tensor, group) -> torch.Tensor:
+    """This EP rank's slice (dim 0) of an expert stack (or of its optimizer moments) -> all experts:
+    rank r holds experts [r E/ep, (r+1) E/ep). Collective over `group`."""
+    parts = [torch.empty_like(t) for _ in range(_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
 @torch.no_grad()
 def full_state_dict(model: nn.Module, ep_group=None) -> dict[str, torch.Tensor]:
     """The single-device state dict (dsv3 names, all experts stacked in order) of a model split by
@@ -162,8 +170,6 @@ def full_state_dict(model: nn.Module, ep_group=None) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         t = t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
         if name in stacked and _size(stacked[name]) > 1:
-            parts = [torch.empty_like(t) for _ in range(_size(stacked[name]))]
-            dist.all_gather(parts, t.contiguous(), group=stacked[name])
-            t = torch.cat(parts, dim=0)
+            t = gather_expert_stack(t, stacked[name])
         out[name] = t.clone()
     return out

@@ -12,6 +12,7 @@ keeps following --steps. At the end a few samples of the trained model are print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 
 from dsv3.config import PRESETS as MODEL_PRESETS
 from dsv3.config import ModelConfig, preset
-from dsv3.train.trainer import BALANCE_MODES, DTYPES, TrainConfig
+from dsv3.train.trainer import BALANCE_MODES, DTYPES, TrainConfig, compile_by_default, has_cxx_compiler
 
 # Training presets: a model config plus run defaults. "demo" is what `make demo` trains on the
 # bundled corpus (data/tinyshakespeare.txt) within 10 minutes on 2 CPU cores; see docs/training.md
@@ -224,11 +225,8 @@ def _resolve(args) -> tuple[dict, Path | None]:
         raise ValueError(f"--threads must be >= 1, got {opts['threads']}")
     if not 0.0 < opts["val_fraction"] < 1.0:
         raise ValueError(f"--val-fraction must be in (0, 1), got {opts['val_fraction']}")
-    if opts.get("compile") and opts.get("device", "cpu") == "cpu":
-        import shutil
-
-        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            raise ValueError("--compile on CPU needs a C++ compiler (g++ or clang++) for torch inductor")
+    if opts.get("compile") and opts.get("device", "cpu") == "cpu" and not has_cxx_compiler():
+        raise ValueError("--compile on CPU needs a C++ compiler (g++ or clang++) for torch inductor")
     if opts["temperature"] < 0:
         raise ValueError(f"--temperature must be >= 0, got {opts['temperature']}")
     return opts, ckpt
@@ -360,25 +358,18 @@ def run(args) -> int:
         _check_tokenizer_source(opts)
     model_cfg = _model_config(opts, opts["vocab_size"] if opts["tokenizer"] == "bpe" else None)
     tcfg = _train_config(opts)
+    # compiling was not asked for (the default below): a machine whose toolchain cannot build
+    # inductor's C++ (no Python headers, say) runs those graphs eagerly instead of failing the run
+    suppress_compile_errors = False
     if opts.get("compile") is None:
-        # neither --compile nor --no-compile: a fresh run compiles where that pays; a resumed run whose
-        # options predate this default ran eagerly, and keeps doing so (its math stays the same)
-        if ckpt is None:
-            from dsv3.train.trainer import compile_by_default
-
-            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pp != 1
-            opts["compile"], why = compile_by_default(model_cfg, tcfg, distributed, bool(opts.get("fp8")))
-            if opts["compile"]:
-                print(f"torch.compile on by default for {why}; the first full-size step compiles (--no-compile: "
-                      f"eager)")
-                # compiling was not asked for: a machine whose toolchain cannot build inductor's C++
-                # (no Python headers, say) runs those graphs eagerly instead of failing the run
-                import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` local to run())
-
-                dynamo.config.suppress_errors = True
-        else:
-            opts["compile"] = False
-        tcfg = _train_config(opts)
+        # neither --compile nor --no-compile on a fresh run (a resumed one has its saved choice, False for
+        # runs from before this default): compile where that pays
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pp != 1
+        opts["compile"], why = compile_by_default(model_cfg, tcfg, distributed, bool(opts.get("fp8")))
+        if opts["compile"]:
+            print(f"torch.compile on by default for {why}; the first full-size step compiles (--no-compile: eager)")
+            suppress_compile_errors = True
+        tcfg = dataclasses.replace(tcfg, compile=opts["compile"])
     tcfg.validate(model_cfg)
     if opts["stop_after"] is not None and ckpt is None and opts["stop_after"] > tcfg.steps:
         raise ValueError(f"--stop-after {opts['stop_after']} is more than --steps {tcfg.steps}")
@@ -393,8 +384,12 @@ def run(args) -> int:
     if not ctx.is_main:
         opts["progress"] = False
 
+    import torch._dynamo as dynamo  # (`import torch._dynamo` would make `torch` local to run())
+
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_suppress = dynamo.config.suppress_errors
+    dynamo.config.suppress_errors = prev_suppress or suppress_compile_errors
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     if opts["deterministic"]:
@@ -412,6 +407,7 @@ def run(args) -> int:
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
+        dynamo.config.suppress_errors = prev_suppress
         if ctx.distributed:
             ctx.destroy()
 

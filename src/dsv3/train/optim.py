@@ -102,7 +102,10 @@ def fused_supported(params) -> bool:
     DTensor refuses to mix with sharded ones ("got mixed torch.Tensor and DTensor"), so sharded
     runs keep foreach. Not meta tensors either (models built only to read the parameter order)."""
     from torch.distributed.tensor import DTensor
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    try:  # a private torch helper (torch is pinned); without it, foreach, which always works
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
 
     devices = set(_get_fused_kernels_supported_devices())
     return all(not isinstance(p, DTensor) and p.device.type in devices and torch.is_floating_point(p)

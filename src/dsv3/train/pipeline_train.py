@@ -93,6 +93,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from dsv3.config import ModelConfig
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.data import full_state_dict, gather_expert_stack
 from dsv3.parallel.expert import LocalExperts, apply_expert_parallel
 from dsv3.parallel.pipeline import Pipeline, local_chunks, stage_layers
 from dsv3.parallel.schedules import KINDS, Layout
@@ -197,16 +198,16 @@ def check_pipeline_options(args, tcfg: TrainConfig, model_cfg: ModelConfig, fp8:
             raise ValueError(f"--pp-schedule {kind} needs --pp > 1 (pipeline stages under torchrun)")
         return
     kind = kind or "1f1b"
-    _check_recipe(pp, args.ep, args.tp, args.dp_mode, tcfg, model_cfg, fp8)
+    ep = args.ep
+    if not isinstance(ep, int) or ep < 1:  # before _check_recipe, which divides by it
+        raise ValueError(f"--ep must be a positive integer, got {ep!r}")
+    _check_recipe(pp, ep, args.tp, args.dp_mode, tcfg, model_cfg, fp8)
     try:
         n_stages = Layout(kind, pp, 2 * pp).n_stages
     except ValueError as e:
         raise ValueError(f"--pp {pp} --pp-schedule {kind}: {e}") from None
     train_stage_layers(model_cfg.num_hidden_layers, model_cfg.num_nextn_predict_layers, n_stages)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ep = args.ep
-    if not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"--ep must be a positive integer, got {ep!r}")
     dp = args.dp if args.dp is not None else max(1, world // (pp * ep))
     if dp < 1:
         raise ValueError(f"--dp must be a positive integer, got {dp}")
@@ -444,6 +445,8 @@ class PipelineTrainer(Trainer):
             assert len(self._pairs) == len(self.params)
         self._master_of = {id(p): q for p, q in self._pairs}
         self._experts = _expert_names(master)  # sharded over ep: reduced over dp only
+        self._dense_params = [p for n, p in self.params if n not in self._experts]
+        self._expert_params = [p for n, p in self.params if n in self._experts]
         holders = {n: tuple(q for q in range(self.pp) if n in held[q]) for n in pname.values()}
         assert set(n for n, _ in self.params) == held[self.pp_rank]
         # the gradient norm counts each parameter once: on its first holder
@@ -510,7 +513,7 @@ class PipelineTrainer(Trainer):
             if q.grad is None:
                 q.grad = g.float()
             else:
-                q.grad.add_(g.float())
+                q.grad.add_(g)  # bf16 -> fp32 is exact: the same sum without an fp32 temporary
 
     def batch_size(self, step: int | None = None) -> int:
         cfg = self.cfg
@@ -527,7 +530,7 @@ class PipelineTrainer(Trainer):
         lam, gamma = self.mtp_lambda(), self.gamma()
         lr = self.scheduler.get_last_lr()[0]
         windows = self.sampler.next_windows(bs).to(self.device)
-        if self.ctx.data_size > 1:
+        if self.data > 1:
             windows = self.ctx.local_batch(windows)  # every rank draws the global batch, keeps its slice
         local_bs = windows.shape[0]
         M = local_bs // self.micro
@@ -554,7 +557,7 @@ class PipelineTrainer(Trainer):
             loss = ce + lam * mtp + bal
             for k, v in (("loss", loss), ("ce", ce), ("mtp", mtp), ("balance", bal)):
                 sums[k] += float(v) * w
-        if self.ctx.data_size > 1:
+        if self.data > 1:
             sums = {k: float(self.ctx.mean(v)) for k, v in sums.items()}
         self._reduce_gradients()
         grad_norm = self._clip_grad_norm(cfg.grad_clip)
@@ -565,7 +568,7 @@ class PipelineTrainer(Trainer):
             with torch.no_grad():
                 for p, q in self._pairs:
                     p.copy_(q)  # round the fp32 master into the bf16 stages
-        if loads is not None and self.ctx.data_size > 1:
+        if loads is not None and self.data > 1:
             loads = self.ctx.global_loads(loads)  # the global batch: summed over the dp replicas
         # every holder of a layer (DualPipe's two copies) applies the same bias update
         return self._finish_step(t0, bs, lr, lam, gamma, sums, grad_norm, loads, self._rows, self._names)
@@ -611,8 +614,7 @@ class PipelineTrainer(Trainer):
         for _, p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        dense = [p for n, p in self.params if n not in self._experts]
-        experts = [p for n, p in self.params if n in self._experts]
+        dense, experts = self._dense_params, self._expert_params
         todo = []
         if self.data > 1 and dense:
             todo.append((dense, self.ctx.group("dense"), self.data))
@@ -734,14 +736,6 @@ class PipelineTrainer(Trainer):
         dist.gather_object(obj, parts, dst=0, group=self.pp_group)
         return parts
 
-    def _full_expert_stack(self, t: torch.Tensor) -> torch.Tensor:
-        """This EP rank's slice (dim 0) of an expert stack, or of its AdamW moments -> all experts:
-        EP rank r holds experts [r E/ep, (r+1) E/ep) (apply_expert_parallel without a placement).
-        Collective over the EP group."""
-        parts = [torch.empty_like(t) for _ in range(self.ep)]
-        dist.all_gather(parts, t.contiguous(), group=self.ctx.group("ep"))
-        return torch.cat(parts, dim=0)
-
     def _local_expert_slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The inverse for loading: this EP rank's experts of a full stack (or moment) `name`."""
         kind, ids = self.master.shard_plan[name]
@@ -751,12 +745,7 @@ class PipelineTrainer(Trainer):
     def full_master(self) -> Transformer | None:
         """The master weights as one single-device Transformer on rank 0 (None elsewhere); collective.
         Tensors several ranks hold (the MTP's embedding, DualPipe's copies) must be bit-identical."""
-        mine = {}
-        for k, v in self.master.state_dict().items():  # one order on every rank of an EP group
-            v = v.detach()
-            if self.ep > 1 and k in self._experts:
-                v = self._full_expert_stack(v)
-            mine[k] = v.cpu().clone()
+        mine = {k: v.cpu() for k, v in full_state_dict(self.master).items()}  # experts gathered over EP
         parts = self._gather_to_main(mine)
         if parts is None:
             return None
@@ -796,7 +785,7 @@ class PipelineTrainer(Trainer):
                 if torch.is_tensor(v):
                     v = v.detach()
                     if self.ep > 1 and n in self._experts and v.dim() > 0:
-                        v = self._full_expert_stack(v)  # exp_avg / exp_avg_sq of all experts
+                        v = gather_expert_stack(v, self.ctx.group("ep"))  # exp_avg / exp_avg_sq of all experts
                     v = v.cpu().clone()
                 entry[k] = v
             opt_state[n] = entry

@@ -366,6 +366,11 @@ def _compile_block(b, whole: bool, kw: dict) -> None:
 COMPILE_MIN_WORK = 1e12
 
 
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on PATH: torch inductor builds its CPU kernels with it."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def compile_by_default(model_cfg: ModelConfig, cfg: TrainConfig, distributed: bool = False,
                        fp8: bool = False) -> tuple[bool, str]:
     """Whether `dsv3 train` compiles when neither --compile nor --no-compile is given, and why."""
@@ -375,7 +380,7 @@ def compile_by_default(model_cfg: ModelConfig, cfg: TrainConfig, distributed: bo
         return False, "not with --fp8 (its routed experts run eagerly anyway)"
     if torch.device(cfg.device).type != "cpu":
         return False, "only on CPU by default (pass --compile on CUDA)"
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if not has_cxx_compiler():
         return False, "no C++ compiler for torch inductor"
     n = model_cfg.num_params()
     work = cfg.steps * cfg.batch_size * cfg.seq_len * (n["active"] + n["mtp"])
@@ -587,11 +592,10 @@ class Trainer:
         for p, q in self._pairs:
             if p.grad is None:
                 continue
-            g = p.grad.float()
             if q.grad is None:
-                q.grad = g
+                q.grad = p.grad.float()
             else:
-                q.grad.add_(g)
+                q.grad.add_(p.grad)  # bf16 -> fp32 is exact: the same sum without an fp32 temporary
             p.grad = None
 
     # ---- validation ----
