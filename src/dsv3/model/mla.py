@@ -20,6 +20,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
+from dsv3.model.linear import Linear
 from dsv3.model.rope import apply_rotary
 
 # Compiled training on CPU: causal self-attention over at most this many positions runs as blocked
@@ -61,15 +62,15 @@ class MLA(nn.Module):
         self.qk_head_dim = cfg.qk_head_dim
         h, dim = self.n_heads, cfg.hidden_size
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(dim, h * self.qk_head_dim, bias=False)
+            self.wq = Linear(dim, h * self.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 in the reference, not rms_norm_eps
-            self.wq_b = nn.Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.wkv_a = Linear(dim, self.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_norm = RMSNorm(self.kv_lora_rank)
-        self.wkv_b = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
-        self.wo = nn.Linear(h * self.v_dim, dim, bias=False)
+        self.wkv_b = Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.wo = Linear(h * self.v_dim, dim, bias=False)
         self.softmax_scale = cfg.softmax_scale
         # naive-path causal attention as blocked_causal_attention while torch.compile traces it; who
         # compiles decides (dsv3.train.trainer.compile_model turns it on for CPU training)

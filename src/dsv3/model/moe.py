@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels import cpu as cpu_kernels
+from dsv3.model.linear import Linear
 
 
 # torch.compile support for the grouped GEMM: torch has no fp32 meta kernel for grouped_mm (its
@@ -55,6 +57,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 # "auto" runs the routed experts pair by pair (Experts.forward_pairs) for this many tokens or fewer
 PAIRS_MAX_TOKENS = 2
+# ... and through the C kernel (Experts.forward_kernel: fp32/bf16 on AVX-512 CPUs) for this many or fewer,
+# where it beats both (docs/engine.md); above it, grouped_mm's GEMMs are compute-bound and faster
+KERNEL_MAX_TOKENS = 64
 
 
 class MLP(nn.Module):
@@ -62,9 +67,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=False)
-        self.w2 = nn.Linear(inter, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.w1 = Linear(dim, inter, bias=False)
+        self.w2 = Linear(inter, dim, bias=False)
+        self.w3 = Linear(dim, inter, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -167,6 +172,16 @@ class Experts(nn.Module):
         return out
 
 
+    def kernel_ok(self, x) -> bool:
+        """Whether forward_kernel takes x and these weights (see dsv3.kernels.cpu.supports)."""
+        return cpu_kernels.supports(x, self.w1, self.w2, self.w3)
+
+    def forward_kernel(self, x, weights, idx):
+        """Decode path without autograd on AVX-512 CPUs, fp32 or bf16: the C kernel of dsv3/kernels/moe_cpu.c
+        reads each chosen expert once and computes all its tokens (no sort, gather or scatter ops),
+        each token's sum in ascending expert order whatever the batch (batch-invariant)."""
+        return cpu_kernels.moe(x, self.w1, self.w3, self.w2, idx, weights)
+
     def forward_pairs(self, x, weights, idx):
         """Decode path for a few tokens without autograd: one matrix-vector product per (token, expert)
         pair on views of the stacked weights. The loop twin's sort, gathers and index_add cost more
@@ -194,7 +209,8 @@ class MoE(nn.Module):
         # "auto": grouped GEMMs when many (token, expert) pairs, else a loop over just the chosen
         # experts (decode: grouped_mm's CPU path visits every expert, even empty ones);
         # "grouped" / "loop" force one path (the twins the tests tie together); "pairs" is the
-        # per-pair decode path auto takes for at most PAIRS_MAX_TOKENS tokens without autograd.
+        # per-pair decode path auto takes for at most PAIRS_MAX_TOKENS tokens without autograd, and
+        # "kernel" the C kernel it takes before that for at most KERNEL_MAX_TOKENS (AVX-512 CPUs).
         self.impl = "auto"
         # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
         # statistics and losses of training / the engine's expert-load counters.
@@ -219,7 +235,12 @@ class MoE(nn.Module):
         impl = self.impl
         if impl == "auto":
             # (other expert implementations, e.g. FP8-resident ones, bring grouped and loop only)
-            if x.shape[0] <= PAIRS_MAX_TOKENS and not (torch.is_grad_enabled() and x.requires_grad) \
+            if x.shape[0] <= KERNEL_MAX_TOKENS and hasattr(self.experts, "forward_kernel") \
+                    and not torch.compiler.is_compiling() \
+                    and not (torch.is_grad_enabled() and (x.requires_grad or self.experts.w1.requires_grad)) \
+                    and self.experts.kernel_ok(x):
+                impl = "kernel"
+            elif x.shape[0] <= PAIRS_MAX_TOKENS and not (torch.is_grad_enabled() and x.requires_grad) \
                     and hasattr(self.experts, "forward_pairs"):
                 impl = "pairs"
             else:

@@ -1,0 +1,339 @@
+/* Few-row products of decode steps on x86 CPUs with AVX-512 (dsv3.kernels.cpu builds and loads this).
+ *
+ * A decode step multiplies a few rows (one per sequence) by each weight matrix: the products read the
+ * weights once and are bound by memory bandwidth. Eager PyTorch's small-M GEMMs read them below that
+ * bandwidth, and for the routed experts it spends more on dispatching the small products, and on the
+ * sort / gather / scatter around them, than on the products. Two kernels:
+ *
+ *   dsv3_linear_f32: out = x w^T for M rows (the projections of attention and of the dense MLPs);
+ *   dsv3_moe_f32:    the routed experts of T tokens: every chosen expert's three matrices are read
+ *                    once, in order, for all of that expert's tokens:
+ *                      h_p   = silu(w1_e x_t) * (w3_e x_t)             for each (token t, expert e) pair p
+ *                      out_t = sum over t's experts e, ascending, of g_te * (w2_e h_p)
+ *
+ * The rows are packed ([k / 16][m][16], zero-padded in k) so the inner loop reads one stream of them
+ * (rows 2 KB apart would share L1 sets with each other and with the weight rows). Each output value is
+ * one dot product evaluated the same way whatever the other rows are (a 16-wide accumulator per value,
+ * fixed order of its partial sums and of their reduction): a row's result does not depend on the batch.
+ *
+ * dtypes: fp32, or bf16 (weights, rows and outputs in bf16; products and sums in fp32, each output rounded
+ * to bf16 once, as PyTorch's bf16 GEMMs do; the experts round their intermediate values to bf16 where
+ * the PyTorch path materialises them in bf16).
+ *
+ * Threads: the matrix rows are split across nthreads OpenMP threads (for the experts: phase 1 the w1/w3
+ * rows, then phase 2 the w2 rows); the arithmetic of a value does not depend on the split.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAXM 8 /* rows computed together (their accumulators stay in registers) */
+#ifndef PREFETCH
+#define PREFETCH 1024 /* floats ahead in a weight row stream (4 KB; 512-1536 measured alike on `small`) */
+#endif
+#define MAXT 64
+
+static inline int64_t kblocks(int64_t k) { return (k + 15) / 16; }
+
+static inline float bf2f(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+/* rows[0..M) (each K values, fp32 or bf16) -> dst [kblocks(K)][M][16] fp32, zero-padded */
+static void pack(const void *const *rows, int bf, int M, int64_t K, float *dst) {
+    int64_t nb = kblocks(K);
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t k = b * 16, n = K - k < 16 ? K - k : 16;
+        for (int m = 0; m < M; m++) {
+            float *d = dst + (b * M + m) * 16;
+            if (bf)
+                for (int64_t i = 0; i < n; i++) d[i] = bf2f(((const uint16_t *)rows[m])[k + i]);
+            else
+                memcpy(d, (const float *)rows[m] + k, (size_t)n * sizeof(float));
+            if (n < 16) memset(d + n, 0, (size_t)(16 - n) * sizeof(float));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) __m512 loadw(const void *w, int64_t k, const int bf) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k))), 16));
+    return _mm512_loadu_ps((const float *)w + k);
+}
+
+static inline __attribute__((always_inline)) __m512 loadw_mask(const void *w, int64_t k, __mmask16 mask, const int bf) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + k)), 16));
+    return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
+}
+
+/* dot products of R weight rows w[r] (K values each, fp32 or bf16) with the M packed rows xp ->
+ * res[r][m]; R, M and the weight dtype are compile-time constants in each specialisation below */
+static inline __attribute__((always_inline)) void dots_rm(const void *const *w, const int R, const float *xp,
+                                                          const int M, int64_t K, float res[][MAXM], const int bf) {
+    __m512 acc[2][MAXM];
+    const int64_t es = bf ? 2 : 4;
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    int64_t full = K / 16, b = 0;
+    for (; b < full; b++) {
+        __m512 wv[2];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)w[r] + (b * 16 + PREFETCH) * es, _MM_HINT_T0);
+            wv[r] = loadw(w[r], b * 16, bf);
+        }
+        for (int m = 0; m < M; m++) {
+            __m512 xv = _mm512_loadu_ps(xp + (b * M + m) * 16);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    if (full * 16 < K) {
+        __mmask16 mask = (__mmask16)((1u << (K - full * 16)) - 1);
+        __m512 wv[2];
+        for (int r = 0; r < R; r++) wv[r] = loadw_mask(w[r], b * 16, mask, bf);
+        for (int m = 0; m < M; m++) {
+            __m512 xv = _mm512_loadu_ps(xp + (b * M + m) * 16);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) res[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+typedef void (*dots_fn)(const void *const *, const float *, int64_t, float[][MAXM]);
+#define DOTS(B, R, M) static void dots_##B##_##R##_##M(const void *const *w, const float *xp, int64_t K, \
+                                                      float res[][MAXM]) { dots_rm(w, R, xp, M, K, res, B); }
+#define DOTS_M(B, R) DOTS(B, R, 1) DOTS(B, R, 2) DOTS(B, R, 3) DOTS(B, R, 4) DOTS(B, R, 5) DOTS(B, R, 6) \
+    DOTS(B, R, 7) DOTS(B, R, 8)
+DOTS_M(0, 1)
+DOTS_M(0, 2)
+DOTS_M(1, 1)
+DOTS_M(1, 2)
+#define DOTS_ROW(B, R) {NULL, dots_##B##_##R##_1, dots_##B##_##R##_2, dots_##B##_##R##_3, dots_##B##_##R##_4, \
+    dots_##B##_##R##_5, dots_##B##_##R##_6, dots_##B##_##R##_7, dots_##B##_##R##_8}
+/* DOTS_BY[bf][R - 1][M]: R weight rows (1 or 2) of dtype bf (0 fp32, 1 bf16) with M packed rows */
+static const dots_fn DOTS_BY[2][2][MAXM + 1] = {{DOTS_ROW(0, 1), DOTS_ROW(0, 2)}, {DOTS_ROW(1, 1), DOTS_ROW(1, 2)}};
+
+static void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+/* run fn(&jobs[t]) for t < nthreads, in parallel: an OpenMP region (in the process that loaded PyTorch,
+ * the OpenMP runtime and thread pool PyTorch's own kernels use: its symbols are already loaded) */
+static int run_threads(void *(*fn)(void *), void *jobs, size_t size, int nthreads) {
+    if (nthreads == 1) {
+        fn(jobs);
+        return 0;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) fn((char *)jobs + t * size);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ routed experts */
+
+/* The (token, expert) pairs sorted by expert, each expert's run padded to a multiple of MAXM:
+ * padded index q holds pair spairs[q] (= t * K + k) for q in [begin[e], begin[e] + count[e]); chunk
+ * q / MAXM of the packed rows holds its MAXM rows. */
+typedef struct {
+    const float *xp, *gw, *hp;
+    const char *w1, *w3, *w2; /* fp32 or bf16 (es bytes per value) */
+    float *out, *h;           /* out: fp32 (T, D) sums */
+    const int64_t *begin, *count, *spairs;
+    int64_t D, I, K, E, lo, hi; /* this thread's rows of the phase: [lo, hi) of I (phase 1) or of D (2) */
+    int bf;
+} moe_t;
+
+/* h_q[i] = silu(w1_e[i] . x_t) * (w3_e[i] . x_t) for this thread's i (bf16: each of the two products,
+ * the silu and the result rounded to bf16, as the PyTorch path materialises them) */
+static void *moe_phase1(void *arg) {
+    const moe_t *j = (const moe_t *)arg;
+    float res[2][MAXM];
+    const int64_t chunk = kblocks(j->D) * 16 * MAXM, es = j->bf ? 2 : 4;
+    for (int64_t e = 0; e < j->E; e++) {
+        int64_t q0 = j->begin[e], q1 = q0 + j->count[e];
+        const char *w1 = j->w1 + e * j->I * j->D * es, *w3 = j->w3 + e * j->I * j->D * es;
+        for (int64_t c = q0; c < q1; c += MAXM) {
+            int M = (int)(q1 - c < MAXM ? q1 - c : MAXM);
+            const float *xp = j->xp + (c / MAXM) * chunk;
+            dots_fn dots = DOTS_BY[j->bf][1][M];
+            for (int64_t i = j->lo; i < j->hi; i++) {
+                const void *w[2] = {w1 + i * j->D * es, w3 + i * j->D * es};
+                dots(w, xp, j->D, res);
+                for (int m = 0; m < M; m++) {
+                    float a = res[0][m], b = res[1][m], v;
+                    if (j->bf) {
+                        a = round_bf(a);
+                        v = round_bf(round_bf(a / (1.0f + expf(-a))) * round_bf(b));
+                    } else {
+                        v = a / (1.0f + expf(-a)) * b;
+                    }
+                    j->h[(c + m) * j->I + i] = v;
+                }
+            }
+        }
+    }
+    return NULL;
+}
+
+/* out_t[d] += g_q * (w2_e[d] . h_q) for this thread's d, experts in ascending order */
+static void *moe_phase2(void *arg) {
+    const moe_t *j = (const moe_t *)arg;
+    float res[2][MAXM];
+    const int64_t chunk = kblocks(j->I) * 16 * MAXM, es = j->bf ? 2 : 4;
+    for (int64_t e = 0; e < j->E; e++) {
+        int64_t q0 = j->begin[e], q1 = q0 + j->count[e];
+        const char *w2 = j->w2 + e * j->D * j->I * es;
+        for (int64_t c = q0; c < q1; c += MAXM) {
+            int M = (int)(q1 - c < MAXM ? q1 - c : MAXM);
+            const float *hp = j->hp + (c / MAXM) * chunk;
+            for (int64_t d = j->lo; d < j->hi; d += 2) {
+                int R = j->hi - d >= 2 ? 2 : 1;
+                const void *w[2] = {w2 + d * j->I * es, w2 + (d + R - 1) * j->I * es};
+                DOTS_BY[j->bf][R - 1][M](w, hp, j->I, res);
+                for (int m = 0; m < M; m++) {
+                    int64_t p = j->spairs[c + m];
+                    float *o = j->out + (p / j->K) * j->D + d;
+                    for (int r = 0; r < R; r++) o[r] += j->gw[p] * (j->bf ? round_bf(res[r][m]) : res[r][m]);
+                }
+            }
+        }
+    }
+    return NULL;
+}
+
+/* x (T, D); w1, w3 (E, I, D); w2 (E, D, I), all fp32 (bf = 0) or all bf16 (bf = 1); idx (T, K) int64 expert
+ * ids and gw (T, K) fp32 gate weights of each token; out (T, D) in the same dtype is overwritten.
+ * Returns 0, -1 for an expert id out of range, -2 when memory could not be had (out is then
+ * undefined). */
+int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, const int64_t *idx, const float *gw,
+             void *out, int64_t T, int64_t D, int64_t I, int64_t K, int64_t E, int nthreads, int bf) {
+    int64_t P = T * K;
+    const int64_t es = bf ? 2 : 4;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    for (int64_t p = 0; p < P; p++)
+        if (idx[p] < 0 || idx[p] >= E) return -1;
+    memset(out, 0, (size_t)(T * D * es));
+    if (P == 0) return 0;
+    int rc = 0;
+    int64_t *count = calloc((size_t)E, sizeof(int64_t)), *begin = malloc((size_t)(E + 1) * sizeof(int64_t));
+    int64_t *fill = malloc((size_t)E * sizeof(int64_t)), *spairs = NULL;
+    float *xp = NULL, *hp = NULL, *h = NULL, *acc = NULL;
+    if (!count || !begin || !fill) { rc = -2; goto done; }
+    for (int64_t p = 0; p < P; p++) count[idx[p]]++;
+    begin[0] = 0;
+    for (int64_t e = 0; e < E; e++) begin[e + 1] = begin[e] + (count[e] + MAXM - 1) / MAXM * MAXM;
+    int64_t NP = begin[E], nch = NP / MAXM;
+    spairs = malloc((size_t)NP * sizeof(int64_t));
+    xp = aligned_alloc(64, (size_t)(nch * kblocks(D) * 16 * MAXM) * sizeof(float));
+    hp = aligned_alloc(64, (size_t)(nch * kblocks(I) * 16 * MAXM) * sizeof(float));
+    h = malloc((size_t)(NP * I) * sizeof(float));
+    acc = bf ? calloc((size_t)(T * D), sizeof(float)) : (float *)out;
+    if (!spairs || !xp || !hp || !h || !acc) { rc = -2; goto done; }
+    memcpy(fill, begin, (size_t)E * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) spairs[fill[idx[p]]++] = p; /* stable: token order within an expert */
+    const void *rows[MAXM];
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
+            int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
+            for (int m = 0; m < M; m++) rows[m] = (const char *)x + (spairs[c + m] / K) * D * es;
+            pack(rows, bf, M, D, xp + (c / MAXM) * kblocks(D) * 16 * MAXM);
+        }
+    moe_t jobs[MAXT];
+    for (int t = 0; t < nthreads; t++) {
+        moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, begin, count, spairs, D, I, K, E, 0, 0, bf};
+        split(I, t, nthreads, &jb.lo, &jb.hi);
+        jobs[t] = jb;
+    }
+    if ((rc = run_threads(moe_phase1, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
+            int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
+            for (int m = 0; m < M; m++) rows[m] = h + (c + m) * I;
+            pack(rows, 0, M, I, hp + (c / MAXM) * kblocks(I) * 16 * MAXM);
+        }
+    for (int t = 0; t < nthreads; t++) split(D, t, nthreads, &jobs[t].lo, &jobs[t].hi);
+    if ((rc = run_threads(moe_phase2, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
+    if (bf)
+        for (int64_t i = 0; i < T * D; i++) ((uint16_t *)out)[i] = f2bf(acc[i]);
+done:
+    if (bf) free(acc);
+    free(count); free(begin); free(fill); free(spairs); free(xp); free(hp); free(h);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ y = x w^T for a few rows */
+
+typedef struct {
+    const float *xp;
+    const char *w;
+    void *out;
+    int64_t M, K, N, lo, hi;
+    int bf;
+} lin_t;
+
+static void *lin_run(void *arg) {
+    const lin_t *j = (const lin_t *)arg;
+    float res[2][MAXM];
+    const int64_t chunk = kblocks(j->K) * 16 * MAXM, es = j->bf ? 2 : 4;
+    for (int64_t n = j->lo; n < j->hi; n += 2) { /* two weight rows at a time, in L1 across the chunks */
+        int R = j->hi - n >= 2 ? 2 : 1;
+        const void *w[2] = {j->w + n * j->K * es, j->w + (n + R - 1) * j->K * es};
+        for (int64_t m0 = 0; m0 < j->M; m0 += MAXM) {
+            int M = (int)(j->M - m0 < MAXM ? j->M - m0 : MAXM);
+            DOTS_BY[j->bf][R - 1][M](w, j->xp + (m0 / MAXM) * chunk, j->K, res);
+            for (int m = 0; m < M; m++)
+                for (int r = 0; r < R; r++) {
+                    int64_t o = (m0 + m) * j->N + n + r;
+                    if (j->bf) ((uint16_t *)j->out)[o] = f2bf(res[r][m]);
+                    else ((float *)j->out)[o] = res[r][m];
+                }
+        }
+    }
+    return NULL;
+}
+
+/* out (M, N) = x (M, K) w (N, K)^T, all contiguous, all fp32 (bf = 0) or all bf16 (bf = 1). Returns 0,
+ * or -2 when memory could not be had (out is then undefined). */
+int dsv3_linear(const void *x, const void *w, void *out, int64_t M, int64_t K, int64_t N, int nthreads, int bf) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    if (M == 0) return 0;
+    const int64_t nch = (M + MAXM - 1) / MAXM, chunk = kblocks(K) * 16 * MAXM, es = bf ? 2 : 4;
+    float *xp = aligned_alloc(64, (size_t)(nch * chunk) * sizeof(float));
+    if (!xp) return -2;
+    const void *rows[MAXM];
+    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+        int n = (int)(M - m0 < MAXM ? M - m0 : MAXM);
+        for (int m = 0; m < n; m++) rows[m] = (const char *)x + (m0 + m) * K * es;
+        pack(rows, bf, n, K, xp + (m0 / MAXM) * chunk);
+    }
+    lin_t jobs[MAXT];
+    for (int t = 0; t < nthreads; t++) {
+        lin_t jb = {xp, (const char *)w, out, M, K, N, 0, 0, bf};
+        split(N, t, nthreads, &jb.lo, &jb.hi);
+        jobs[t] = jb;
+    }
+    int rc = run_threads(lin_run, jobs, sizeof(lin_t), nthreads);
+    free(xp);
+    return rc;
+}

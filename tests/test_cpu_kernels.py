@@ -1,0 +1,236 @@
+"""The C kernels of dsv3/kernels (few-row fp32 / bf16 products of decode steps) against float64 references,
+their batch and thread invariance, where the model takes them, and what happens without them."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3.config import preset
+from dsv3.kernels import cpu
+from dsv3.model import moe as moe_mod
+from dsv3.model.linear import KERNEL_MAX_ROWS, Linear
+from dsv3.model.moe import MoE, Experts
+
+needs_kernels = pytest.mark.skipif(cpu.library() is None,
+                                   reason=f"CPU kernels unavailable here: {cpu.unavailable_reason()}")
+U = 2.0 ** -24  # fp32 unit roundoff
+
+
+def dot_bound(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """|fl(a b^T) - a b^T| <= n u |a| |b|^T (plus a margin): the classic bound of an fp32 dot product of
+    length n, whatever the order of its sums."""
+    return 2 * n * U * (a.abs().double() @ b.abs().double().t()) + 1e-30
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,K,N", [(1, 512, 256), (2, 100, 37), (3, 7, 3), (8, 16, 1), (9, 33, 5),
+                                   (16, 1408, 512), (13, 256, 768)])
+def test_linear_within_the_fp32_bound_of_float64(M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    got = cpu.linear(x, w)
+    want = x.double() @ w.double().t()
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= dot_bound(x, w, K)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,K,N", [(1, 512, 256), (3, 7, 3), (9, 33, 5), (16, 1408, 512)])
+def test_bf16_linear_is_the_rounded_fp32_product(M, K, N):
+    """bf16 in, bf16 out: the exact product of the bf16 values within fp32 rounding, rounded once to
+    bf16 (half a bf16 spacing, 2^-8 of the value); and so within one spacing of PyTorch's bf16 GEMM."""
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    got = cpu.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    want = x.double() @ w.double().t()
+    assert ((got.double() - want).abs() <= 2.0 ** -8 * want.abs() + 2 * dot_bound(x.float(), w.float(), K)).all()
+    ref = torch.nn.functional.linear(x, w).double()
+    assert ((got.double() - ref).abs() <= 2.0 ** -7 * ref.abs() + 2 * dot_bound(x.float(), w.float(), K)).all()
+
+
+def expert_reference(ex: Experts, x, gw, idx):
+    """The routed experts in float64, pair by pair, straight from the definition."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    w1, w2, w3 = (p.detach().double() for p in (ex.w1, ex.w2, ex.w3))
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            a, b = w1[e] @ x[t].double(), w3[e] @ x[t].double()
+            out[t] += float(gw[t, k]) * (w2[e] @ (a * torch.sigmoid(a) * b))
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,K,E,D,I", [(1, 4, 32, 512, 256), (2, 2, 8, 64, 32), (20, 2, 3, 40, 24),
+                                       (16, 4, 32, 96, 48), (5, 1, 1, 17, 9), (64, 3, 6, 32, 16)])
+def test_moe_matches_float64(T, K, E, D, I):
+    """Including experts holding more than one chunk of 8 pairs (T=20 over 3 experts), sizes that are
+    not multiples of 16, a single expert, and tokens whose experts repeat across the batch."""
+    g = torch.Generator().manual_seed(T * 100 + E)
+    ex = Experts(E, D, I)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    gw = torch.rand(T, K, generator=g)
+    got = cpu.moe(x, ex.w1.detach(), ex.w3.detach(), ex.w2.detach(), idx, gw)
+    want = expert_reference(ex, x, gw, idx)
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    # and the fp32 loop twin the model's other paths are tied to
+    with torch.no_grad():
+        assert (got - ex.forward_loop(x, gw, idx)).abs().max().item() <= 1e-5 * max(scale, 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 2, 16])
+def test_bf16_moe_matches_the_pytorch_bf16_paths(T):
+    """bf16 experts: within bf16 rounding of the float64 definition (on the bf16 values), and of
+    PyTorch's bf16 per-pair and loop paths (which round the same intermediate values)."""
+    E, D, I, K = 8, 64, 48, 3
+    g = torch.Generator().manual_seed(T)
+    ex = Experts(E, D, I)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ex = ex.bfloat16()
+    x = torch.randn(T, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    gw = torch.rand(T, K, generator=g)
+    got = cpu.moe(x, ex.w1.detach(), ex.w3.detach(), ex.w2.detach(), idx, gw)
+    assert got.dtype == torch.bfloat16
+    want = expert_reference(ex, x, gw, idx)
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 2.0 ** -6 * scale
+    with torch.no_grad():
+        for path in (ex.forward_loop, ex.forward_pairs):
+            assert (got.double() - path(x, gw, idx).double()).abs().max().item() <= 2.0 ** -6 * scale
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_batch_or_the_threads():
+    """Bitwise: a row computed alone, among others, or with two threads gives the same values."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(12, 200, generator=g), torch.randn(70, 200, generator=g)
+    E, D, I = 8, 200, 40
+    w1, w3, w2 = torch.randn(E, I, D, generator=g), torch.randn(E, I, D, generator=g), torch.randn(E, D, I, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(12)])
+    gw = torch.rand(12, 3, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            lin, moe = cpu.linear(x, w), cpu.moe(x, w1, w3, w2, idx, gw)
+            for r in (0, 5, 11):
+                assert torch.equal(cpu.linear(x[r:r + 1], w), lin[r:r + 1])
+                assert torch.equal(cpu.moe(x[r:r + 1], w1, w3, w2, idx[r:r + 1], gw[r:r + 1]), moe[r:r + 1])
+            if n == 1:
+                ref = (lin, moe)
+            else:
+                assert torch.equal(lin, ref[0]) and torch.equal(moe, ref[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_bad_expert_id_is_an_error():
+    x, w = torch.randn(2, 16), torch.randn(4, 8, 16)
+    with pytest.raises(IndexError, match="expert id out of range"):
+        cpu.moe(x, w, w, torch.randn(4, 16, 8), torch.tensor([[0], [4]]), torch.ones(2, 1))
+
+
+def _spy(monkeypatch, cls, name):
+    calls = []
+    real = getattr(cls, name)
+
+    def f(self, *a, **k):
+        calls.append(a[0].shape[0])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, name, f)
+    return calls
+
+
+@needs_kernels
+def test_model_takes_the_kernels_for_decode_only(monkeypatch):
+    """MoE "auto" and Linear take the kernels for few fp32 or bf16 rows without autograd; training
+    (autograd), many rows and other dtypes keep PyTorch's paths, and the results agree."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    calls = _spy(monkeypatch, Experts, "forward_kernel")
+    x = torch.randn(moe_mod.KERNEL_MAX_TOKENS + 1, cfg.hidden_size)
+    with torch.no_grad():
+        moe.impl = "loop"
+        want = moe(x)
+        moe.impl = "auto"
+        for T in (1, 2, 16, moe_mod.KERNEL_MAX_TOKENS):
+            assert (moe(x[:T]) - want[:T]).abs().max() < 1e-5
+        moe(x)  # one token too many: grouped GEMMs
+        moe.to(torch.bfloat16)
+        assert (moe(x[:2].bfloat16()).float() - want[:2]).abs().max() < 0.05 * want[:2].abs().max()  # bf16 too
+        moe.double()(x[:2].double())  # another dtype: PyTorch's paths (here the per-pair one)
+        moe.float()
+    assert calls == [1, 2, 16, moe_mod.KERNEL_MAX_TOKENS, 2]
+    moe(x[:2].requires_grad_()).sum().backward()  # autograd: PyTorch's path, gradients flow
+    assert calls == [1, 2, 16, moe_mod.KERNEL_MAX_TOKENS, 2] and moe.experts.w1.grad is not None
+
+    lin = Linear(48, 20, bias=False)
+    lcalls = []
+    real = cpu.linear
+    monkeypatch.setattr(cpu, "linear", lambda a, b: lcalls.append(a.shape[0]) or real(a, b))
+    xs = torch.randn(2, KERNEL_MAX_ROWS, 48)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(xs, lin.weight)
+        assert (lin(xs[:1, :3]) - want[:1, :3]).abs().max() < 1e-5  # (1, 3, 48): 3 rows
+        assert (lin(xs[0]) - want[0]).abs().max() < 1e-5
+        assert (lin(xs) - want).abs().max() < 1e-5  # 2 * KERNEL_MAX_ROWS rows: F.linear
+    assert lcalls == [3, KERNEL_MAX_ROWS]
+    y = lin(xs[0])
+    assert y.requires_grad and lcalls == [3, KERNEL_MAX_ROWS]
+
+
+def _probe(env: dict) -> str:
+    code = "from dsv3.kernels import cpu; print(cpu.library() is None, cpu.unavailable_reason(), sep='|')"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_disabled_or_unbuildable_kernels_leave_the_pytorch_paths(tmp_path):
+    assert _probe({"DSV3_CPU_KERNELS": "0"}) == "True|disabled by DSV3_CPU_KERNELS=0"
+    if cpu.library() is None:
+        pytest.skip(f"CPU kernels unavailable here: {cpu.unavailable_reason()}")
+    out = _probe({"CC": "false", "DSV3_CACHE_DIR": str(tmp_path / "broken")})
+    assert out.startswith("True|build failed: false failed")
+    # a fresh cache folder gets a freshly built library, which loads
+    assert _probe({"DSV3_CACHE_DIR": str(tmp_path / "fresh")}) == "False|None"
+    assert [f for f in os.listdir(tmp_path / "fresh") if f.endswith(".so")]
+
+
+def test_engine_tokens_with_and_without_kernels(monkeypatch):
+    """Greedy tokens of the engine on a tiny model: the same with the kernels and with PyTorch's paths."""
+    from dsv3.infer.engine import Engine
+    from dsv3.infer.params import SamplingParams
+
+    torch.manual_seed(0)
+    import dsv3
+
+    m = dsv3.Transformer(preset("tiny")).init_weights(std=0.1).eval()
+    prompts = [[5, 9, 2, 7], [3, 3, 8], [11, 4, 6, 1, 2]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    def run():
+        return [c.token_ids for c in Engine(m, eos_token_id=None).generate(prompts, params)]
+
+    with_kernels = run()
+    monkeypatch.setattr(cpu, "library", lambda: None)
+    assert run() == with_kernels
