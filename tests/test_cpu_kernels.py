@@ -195,6 +195,12 @@ def test_model_takes_the_kernels_for_decode_only(monkeypatch):
     assert lcalls == [3, KERNEL_MAX_ROWS]
     y = lin(xs[0])
     assert y.requires_grad and lcalls == [3, KERNEL_MAX_ROWS]
+    with torch.no_grad():
+        lin.bfloat16()
+        y = lin(xs[0].bfloat16())
+        assert y.dtype == torch.bfloat16 and (y.float() - want[0]).abs().max() < 0.02 * want[0].abs().max()
+        lin.double()(xs[0].double())  # float64: F.linear
+    assert lcalls == [3, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS]
 
 
 def _probe(env: dict) -> str:

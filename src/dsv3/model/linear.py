@@ -14,11 +14,13 @@ KERNEL_MAX_ROWS = 16
 class Linear(nn.Linear):
     """An nn.Linear (same parameters, state_dict and construction) whose decode-sized inference calls
     take the CPU kernel. The kernel's values are those of a dot product per output, summed in a fixed
-    order whatever the other rows: they differ from F.linear's by fp32 rounding only."""
+    order whatever the other rows: they differ from F.linear's by fp32 rounding only (bf16: both round
+    the fp32 sum to bf16 once)."""
 
     def forward(self, x):
         w = self.weight
-        if (self.bias is None and x.dtype is torch.float32 and not torch.compiler.is_compiling() and w.dtype is torch.float32 and x.device.type == "cpu"
+        if (self.bias is None and x.dtype is w.dtype and x.dtype in cpu_kernels.DTYPES and x.device.type == "cpu"
+                and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             K = x.shape[-1]
             rows = x.numel() // K if K else 0

@@ -131,19 +131,19 @@ class MLA(nn.Module):
                                            attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale)
         return o.transpose(1, 2)[..., :self.v_dim]  # (B, S, H, v)
 
-    def _absorb_weights(self):
-        """wkv_b split into its key half (H, nope, C) and value half (H, v, C). Without autograd
-        (inference) contiguous copies are kept and refreshed whenever the weight changes, so a
-        decode step does not re-copy strided slices; the value half is kept as the transpose of a
-        contiguous (H, C, v), the layout the absorbed output product reads."""
+    def _absorb_weights(self, dtype=None):
+        """wkv_b split into its key half (H, nope, C) and value half (H, v, C), in `dtype` (default: the
+        weight's). Without autograd (inference) contiguous copies are kept and refreshed whenever the
+        weight changes, so a decode step does not re-copy strided slices; the value half is kept as the
+        transpose of a contiguous (H, C, v), the layout the absorbed output product reads."""
         H = self.n_heads
         w = self.wkv_b.weight
         if torch.is_grad_enabled() and w.requires_grad:
             w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             return w[:, :self.nope], w[:, self.nope:]
-        key = version_key(w)
+        key = (version_key(w), dtype)
         if getattr(self, "_absorb_key", None) != key:
-            w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank).to(dtype or w.dtype)
             w_vt = w3[:, self.nope:].transpose(1, 2).contiguous()  # (H, C, v)
             self._absorb_cache = (w3[:, :self.nope].contiguous(), w_vt.transpose(1, 2))
             self._absorb_key = key
@@ -154,12 +154,20 @@ class MLA(nn.Module):
         # permutes): decode runs this once per layer per step, on tiny shapes where op count is the cost
         B, S, H, _ = q_nope.shape
         L, C = kv.shape[1], self.kv_lora_rank
-        w_k, w_v = self._absorb_weights()  # (H, nope, C), (H, v, C)
+        dtype = q_nope.dtype
+        # bf16 inference on the CPU runs the products in fp32 on the (exactly widened) bf16 values:
+        # PyTorch's CPU bf16 bmm takes 100-300 us on these shapes where fp32 takes a few
+        up = dtype == torch.bfloat16 and q_nope.device.type == "cpu" and not torch.is_grad_enabled()
+        w_k, w_v = self._absorb_weights(torch.float32 if up else None)  # (H, nope, C), (H, v, C)
+        kvpe = _joined(kv, pe)  # (B, L, C + R)
+        if up:
+            q_nope, q_pe, kvpe = q_nope.float(), q_pe.float(), kvpe.float()
+            kv = kvpe[..., :C]
         # the query moved into the latent space, per head: (H, B*S, nope) @ (H, nope, C)
         q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_k)  # (H, B*S, C)
         # scores q_lat . c_kv + q_pe . k_pe as one product over the joined C + R values
         q = torch.cat([q_lat.transpose(0, 1).view(B, S, H, C), q_pe], dim=-1)  # (B, S, H, C + R)
-        scores = torch.bmm(q.view(B, S * H, -1), _joined(kv, pe).transpose(1, 2)).float()  # (B, S*H, L)
+        scores = torch.bmm(q.view(B, S * H, -1), kvpe.transpose(1, 2)).float()  # (B, S*H, L)
         scores.mul_(self.softmax_scale)
         if mask is None:
             mask = torch.ones(S, L, dtype=torch.bool, device=kv.device).tril(L - S)[None]
@@ -167,7 +175,7 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(kv.dtype)  # softmax in fp32
         o_lat = torch.bmm(p, kv)  # (B, S*H, C)
         o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w_v.transpose(1, 2))  # (H, B*S, v)
-        return o.transpose(0, 1).view(B, S, H, -1)  # (B, S, H, v)
+        return o.transpose(0, 1).reshape(B, S, H, -1).to(dtype)  # (B, S, H, v)
 
 
 def version_key(t: torch.Tensor) -> tuple:
