@@ -240,3 +240,22 @@ def test_engine_tokens_with_and_without_kernels(monkeypatch):
     with_kernels = run()
     monkeypatch.setattr(cpu, "library", lambda: None)
     assert run() == with_kernels
+
+
+@needs_kernels
+def test_kernels_bench_runs(capsys):
+    """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_bench.py")
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
+    assert cpu.library() is not None  # the A/B put the real library back

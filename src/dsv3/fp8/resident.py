@@ -118,13 +118,14 @@ class FP8MLA(MLA):
     dtype for each absorbed forward (no persistent BF16 copy, which MLA would otherwise cache), as
     in DeepSeek's reference. The naive path simply calls wkv_b (an FP8Linear)."""
 
-    def _absorb_weights(self):
+    def _absorb_weights(self, dtype=None):
         if not isinstance(self.wkv_b, FP8Linear):
-            return super()._absorb_weights()
+            return super()._absorb_weights(dtype)
         H = self.n_heads
-        # the dtype the einsums of the absorbed path run in: the model's (norms stay unquantized)
+        # the dtype the products of the absorbed path run in: the one asked for, else the model's
+        # (norms stay unquantized)
         w = weight_dequant(self.wkv_b.weight, self.wkv_b.weight_scale_inv, self.wkv_b.block,
-                           dtype=self.kv_norm.weight.dtype)
+                           dtype=dtype or self.kv_norm.weight.dtype)
         w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, nope + v, C)
         return w[:, :self.nope], w[:, self.nope:]
 

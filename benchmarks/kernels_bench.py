@@ -1,0 +1,85 @@
+"""Paired A/B of the CPU decode kernels (dsv3/kernels): the engine's decode throughput with the kernels
+and with PyTorch's paths, same process, same weights, alternating rounds.
+
+    python benchmarks/kernels_bench.py --preset small --threads 1 --rounds 5
+    python benchmarks/kernels_bench.py --dtype bfloat16 --batch 1 16
+
+For each batch size: aggregate decode tokens/s (time after every prefill; process CPU time at 1
+thread, wall time otherwise) with the kernels off and on, and the median of the per-round on/off
+ratios (the machines here are shared: a ratio within a round is what is comparable). The greedy
+tokens of both are compared too.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import dsv3
+from dsv3.config import preset
+from dsv3.infer.engine import Engine
+from dsv3.infer.params import SamplingParams
+from dsv3.kernels import cpu
+
+
+def decode(model, prompts, n_new, clock):
+    engine = Engine(model, eos_token_id=None, max_num_seqs=max(16, len(prompts)))
+    params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    count, t0 = 0, None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if t0 is not None:
+                count += len(o.new_token_ids)
+            tokens[o.request_id] += o.new_token_ids
+        if t0 is None and all(tokens[i] for i in ids):
+            t0 = clock()  # every prefill done: decode from here
+    return count / (clock() - t0), [tokens[i] for i in ids]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    if cpu.library() is None:
+        raise SystemExit(f"the CPU kernels are unavailable here: {cpu.unavailable_reason()}")
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model = dsv3.Transformer(preset(args.preset)).init_weights().to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    library = cpu.library
+    print(f"# CPU kernels A/B: {args.preset} preset (random weights), {args.dtype}, {args.threads} threads, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} rounds, "
+          f"{'CPU' if args.threads == 1 else 'wall'} time\n")
+    print("| batch | kernels off (tok/s) | kernels on (tok/s) | on / off (median of rounds) | rounds | same tokens |")
+    print("|---|---:|---:|---:|---|---|")
+    for batch in args.batch:
+        prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+        runs = {False: [], True: []}
+        toks = {}
+        decode(model, prompts, 4, clock)  # warm-up (and the kernels' build)
+        try:
+            for _ in range(args.rounds):
+                for on in (False, True):
+                    cpu.library = library if on else (lambda: None)
+                    rate, toks[on] = decode(model, prompts, args.new_tokens, clock)
+                    runs[on].append(rate)
+        finally:
+            cpu.library = library
+        ratios = [a / b for a, b in zip(runs[True], runs[False])]
+        print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
+              f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
+              f"{'yes' if toks[True] == toks[False] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
