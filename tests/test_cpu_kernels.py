@@ -11,7 +11,8 @@ from dsv3.config import preset
 from dsv3.kernels import cpu
 from dsv3.model import moe as moe_mod
 from dsv3.model.linear import KERNEL_MAX_ROWS, Linear
-from dsv3.model.moe import MoE, Experts
+from dsv3.model.moe import Experts
+from test_model_twins import random_moe
 
 needs_kernels = pytest.mark.skipif(cpu.library() is None,
                                    reason=f"CPU kernels unavailable here: {cpu.unavailable_reason()}")
@@ -159,12 +160,7 @@ def _spy(monkeypatch, cls, name):
 def test_model_takes_the_kernels_for_decode_only(monkeypatch):
     """MoE "auto" and Linear take the kernels for few fp32 or bf16 rows without autograd; training
     (autograd), many rows and other dtypes keep PyTorch's paths, and the results agree."""
-    torch.manual_seed(0)
-    cfg = preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
-    moe = MoE(cfg)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.2)
+    cfg, moe = random_moe()
     calls = _spy(monkeypatch, Experts, "forward_kernel")
     x = torch.randn(moe_mod.KERNEL_MAX_TOKENS + 1, cfg.hidden_size)
     with torch.no_grad():

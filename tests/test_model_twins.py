@@ -63,13 +63,20 @@ def test_cache_holds_only_the_latent():
     assert cache.bytes_per_token_per_layer() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
 
 
-def test_grouped_moe_equals_loop_forward_and_backward():
-    torch.manual_seed(0)
+def random_moe(seed=0):
+    """A tiny-preset MoE layer with 16 experts in 4 groups, top-3, and weights N(0, 0.2)."""
+    torch.manual_seed(seed)
     cfg = preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
     moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.2)
+    return cfg, moe
+
+
+def test_grouped_moe_equals_loop_forward_and_backward():
+    cfg, moe = random_moe()
+    with torch.no_grad():
         moe.gate.bias.normal_(0, 0.1)
     x = torch.randn(3, 17, cfg.hidden_size)
     outs, grads = {}, {}

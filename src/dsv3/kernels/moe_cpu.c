@@ -220,6 +220,19 @@ static void *moe_phase2(void *arg) {
     return NULL;
 }
 
+/* pack every expert's run of padded indices q, chunk by chunk (chunk q / MAXM of dst): row q is at
+ * base + (map ? map[q] / div : q) * stride bytes, len values of dtype bf */
+static void pack_runs(const int64_t *begin, const int64_t *count, int64_t E, const char *base, int64_t stride,
+                      const int64_t *map, int64_t div, int bf, int64_t len, float *dst) {
+    const void *rows[MAXM];
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
+            int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
+            for (int m = 0; m < M; m++) rows[m] = base + (map ? map[c + m] / div : c + m) * stride;
+            pack(rows, bf, M, len, dst + (c / MAXM) * kblocks(len) * 16 * MAXM);
+        }
+}
+
 /* x (T, D); w1, w3 (E, I, D); w2 (E, D, I), all fp32 (bf = 0) or all bf16 (bf = 1); idx (T, K) int64 expert
  * ids and gw (T, K) fp32 gate weights of each token; out (T, D) in the same dtype is overwritten.
  * Returns 0, -1 for an expert id out of range, -2 when memory could not be had (out is then
@@ -251,13 +264,7 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
     if (!spairs || !xp || !hp || !h || !acc) { rc = -2; goto done; }
     memcpy(fill, begin, (size_t)E * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) spairs[fill[idx[p]]++] = p; /* stable: token order within an expert */
-    const void *rows[MAXM];
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
-            int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
-            for (int m = 0; m < M; m++) rows[m] = (const char *)x + (spairs[c + m] / K) * D * es;
-            pack(rows, bf, M, D, xp + (c / MAXM) * kblocks(D) * 16 * MAXM);
-        }
+    pack_runs(begin, count, E, (const char *)x, D * es, spairs, K, bf, D, xp); /* token rows */
     moe_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
         moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, begin, count, spairs, D, I, K, E, 0, 0, bf};
@@ -265,12 +272,7 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
         jobs[t] = jb;
     }
     if ((rc = run_threads(moe_phase1, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
-            int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
-            for (int m = 0; m < M; m++) rows[m] = h + (c + m) * I;
-            pack(rows, 0, M, I, hp + (c / MAXM) * kblocks(I) * 16 * MAXM);
-        }
+    pack_runs(begin, count, E, (const char *)h, I * (int64_t)sizeof(float), NULL, 1, 0, I, hp); /* h rows */
     for (int t = 0; t < nthreads; t++) split(D, t, nthreads, &jobs[t].lo, &jobs[t].hi);
     if ((rc = run_threads(moe_phase2, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
     if (bf)
