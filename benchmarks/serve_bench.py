@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default 4 x concurrency)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=32, help="generated tokens per request")
-    p.add_argument("--dtype", default="float32", help="server dtype (float32 is the fast one on CPU)")
+    p.add_argument("--dtype", default="float32", help="server dtype (float32 or bfloat16; with the CPU decode kernels bfloat16 decodes faster, docs/engine.md)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--speculative", choices=["mtp"], default=None, help="serve with MTP speculative decoding")
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
