@@ -34,6 +34,7 @@ import dsv3
 from dsv3.config import preset
 from dsv3.infer.engine import Engine
 from dsv3.infer.params import SamplingParams
+from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.moe import MoE
 
 
@@ -271,10 +272,13 @@ def main(argv=None):
     cfg = model.config
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    res = {"model": name, "dtype": args.dtype, "threads": args.threads, "params": cfg.num_params()}
+    kernels_off = cpu_kernels.unavailable_reason()
+    res = {"model": name, "dtype": args.dtype, "threads": args.threads, "params": cfg.num_params(),
+           "cpu_kernels": kernels_off is None}
     print(f"# dsv3 engine benchmark: {name}, {args.dtype}, {args.threads} threads, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} rounds, "
-          f"{'CPU' if cpu else 'wall'} time\n")
+          f"{'CPU' if cpu else 'wall'} time; dsv3 CPU decode kernels "
+          f"{'on' if kernels_off is None else 'off (' + kernels_off + ')'}\n")
 
     if not args.mtp_only:
         hf = None

@@ -533,9 +533,13 @@ def machine_info(threads: int) -> dict:
         load = "n/a"
     import transformers
 
+    from dsv3.kernels import cpu as cpu_kernels
+
+    reason = cpu_kernels.unavailable_reason()
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "loadavg": load}
+            "transformers": transformers.__version__, "python": platform.python_version(), "loadavg": load,
+            "dsv3_cpu_kernels": "on" if reason is None else f"off ({reason})"}
 
 
 def format_table(res: dict) -> str:

@@ -1041,5 +1041,10 @@ def _serve(args, model):
     # (uvicorn logs the address it listens on, the port the OS picked included)
     log.info("serving %s as %s (max batch %d, max queue %d, context %d tokens)", args.model,
              ", ".join(server.model_names), args.max_batch, args.max_queue, server.max_model_len)
+    if getattr(args, "device", "cpu") == "cpu":
+        from dsv3.kernels import cpu as cpu_kernels
+
+        reason = cpu_kernels.unavailable_reason()
+        log.info("CPU decode kernels: %s", "on" if reason is None else f"off ({reason})")
     uv.run()
     return 0
