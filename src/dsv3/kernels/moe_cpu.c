@@ -5,11 +5,11 @@
  * bandwidth, and for the routed experts it spends more on dispatching the small products, and on the
  * sort / gather / scatter around them, than on the products. Two kernels:
  *
- *   dsv3_linear_f32: out = x w^T for M rows (the projections of attention and of the dense MLPs);
- *   dsv3_moe_f32:    the routed experts of T tokens: every chosen expert's three matrices are read
- *                    once, in order, for all of that expert's tokens:
- *                      h_p   = silu(w1_e x_t) * (w3_e x_t)             for each (token t, expert e) pair p
- *                      out_t = sum over t's experts e, ascending, of g_te * (w2_e h_p)
+ *   dsv3_linear: out = x w^T for M rows (the projections of attention and of the dense MLPs);
+ *   dsv3_moe:    the routed experts of T tokens: every chosen expert's three matrices are read
+ *                once, in order, for all of that expert's tokens:
+ *                  h_p   = silu(w1_e x_t) * (w3_e x_t)             for each (token t, expert e) pair p
+ *                  out_t = sum over t's experts e, ascending, of g_te * (w2_e h_p)
  *
  * The rows are packed ([k / 16][m][16], zero-padded in k) so the inner loop reads one stream of them
  * (rows 2 KB apart would share L1 sets with each other and with the weight rows). Each output value is
@@ -31,7 +31,7 @@
 
 #define MAXM 8 /* rows computed together (their accumulators stay in registers) */
 #ifndef PREFETCH
-#define PREFETCH 1024 /* floats ahead in a weight row stream (4 KB; 512-1536 measured alike on `small`) */
+#define PREFETCH 1024 /* values ahead in a weight row stream (4 KB of fp32; 512-1536 measured alike on `small`) */
 #endif
 #define MAXT 64
 
