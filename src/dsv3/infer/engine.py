@@ -40,6 +40,7 @@ from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, bat
                                  sample_inverse_cdf, token_logprobs)
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
 from dsv3.infer.screen import greedy_head
+from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.moe import MoE
 
 # logits of at most this many positions are materialised at once for prompt logprobs (V is large)
@@ -136,6 +137,8 @@ class Engine:
         self.model, self.cfg = model, cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "cpu":
+            cpu_kernels.library()  # the decode kernels' first use builds them (~1-2 s): now, not in a request
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
