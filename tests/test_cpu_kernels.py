@@ -9,8 +9,7 @@ import torch
 
 from dsv3.config import preset
 from dsv3.kernels import cpu
-from dsv3.model import moe as moe_mod
-from dsv3.model.linear import KERNEL_MAX_ROWS, Linear
+from dsv3.model.linear import Linear
 from dsv3.model.moe import Experts
 from test_model_twins import random_moe
 
@@ -162,41 +161,41 @@ def test_model_takes_the_kernels_for_decode_only(monkeypatch):
     (autograd), many rows and other dtypes keep PyTorch's paths, and the results agree."""
     cfg, moe = random_moe()
     calls = _spy(monkeypatch, Experts, "forward_kernel")
-    x = torch.randn(moe_mod.KERNEL_MAX_TOKENS + 1, cfg.hidden_size)
+    x = torch.randn(cpu.MOE_MAX_TOKENS + 1, cfg.hidden_size)
     with torch.no_grad():
         moe.impl = "loop"
         want = moe(x)
         moe.impl = "auto"
-        for T in (1, 2, 16, moe_mod.KERNEL_MAX_TOKENS):
+        for T in (1, 2, 16, cpu.MOE_MAX_TOKENS):
             assert (moe(x[:T]) - want[:T]).abs().max() < 1e-5
         moe(x)  # one token too many: grouped GEMMs
         moe.to(torch.bfloat16)
         assert (moe(x[:2].bfloat16()).float() - want[:2]).abs().max() < 0.05 * want[:2].abs().max()  # bf16 too
         moe.double()(x[:2].double())  # another dtype: PyTorch's paths (here the per-pair one)
         moe.float()
-    assert calls == [1, 2, 16, moe_mod.KERNEL_MAX_TOKENS, 2]
+    assert calls == [1, 2, 16, cpu.MOE_MAX_TOKENS, 2]
     moe(x[:2].requires_grad_()).sum().backward()  # autograd: PyTorch's path, gradients flow
-    assert calls == [1, 2, 16, moe_mod.KERNEL_MAX_TOKENS, 2] and moe.experts.w1.grad is not None
+    assert calls == [1, 2, 16, cpu.MOE_MAX_TOKENS, 2] and moe.experts.w1.grad is not None
 
     lin = Linear(48, 20, bias=False)
     lcalls = []
     real = cpu.linear
     monkeypatch.setattr(cpu, "linear", lambda a, b: lcalls.append(a.shape[0]) or real(a, b))
-    xs = torch.randn(2, KERNEL_MAX_ROWS, 48)
+    xs = torch.randn(2, cpu.LINEAR_MAX_ROWS, 48)
     with torch.no_grad():
         want = torch.nn.functional.linear(xs, lin.weight)
         assert (lin(xs[:1, :3]) - want[:1, :3]).abs().max() < 1e-5  # (1, 3, 48): 3 rows
         assert (lin(xs[0]) - want[0]).abs().max() < 1e-5
-        assert (lin(xs) - want).abs().max() < 1e-5  # 2 * KERNEL_MAX_ROWS rows: F.linear
-    assert lcalls == [3, KERNEL_MAX_ROWS]
+        assert (lin(xs) - want).abs().max() < 1e-5  # 2 * cpu.LINEAR_MAX_ROWS rows: F.linear
+    assert lcalls == [3, cpu.LINEAR_MAX_ROWS]
     y = lin(xs[0])
-    assert y.requires_grad and lcalls == [3, KERNEL_MAX_ROWS]
+    assert y.requires_grad and lcalls == [3, cpu.LINEAR_MAX_ROWS]
     with torch.no_grad():
         lin.bfloat16()
         y = lin(xs[0].bfloat16())
         assert y.dtype == torch.bfloat16 and (y.float() - want[0]).abs().max() < 0.02 * want[0].abs().max()
         lin.double()(xs[0].double())  # float64: F.linear
-    assert lcalls == [3, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS]
+    assert lcalls == [3, cpu.LINEAR_MAX_ROWS, cpu.LINEAR_MAX_ROWS]
 
 
 def _probe(env: dict) -> str:

@@ -38,6 +38,29 @@ def test_absorbed_equals_naive_full_forward(kw):
     assert (a - b).abs().max() < 1e-4
 
 
+def test_absorbed_equals_naive_in_bf16(monkeypatch):
+    """bf16 inference: absorbed attention, whose small products run widened to fp32 on the CPU
+    (dsv3.kernels.cpu.widen_bf16_products), against the naive path and against its own unwidened
+    bf16 products. Dense layers only, so that bf16 rounding cannot flip a routing choice: it then moves
+    the logits by about 2% of their range (measured 1.2-2.3% over four seeds); a wrong product would
+    move them by the whole range."""
+    from dsv3.kernels import cpu as cpu_kernels
+
+    m = tiny_model(seed=2, first_k_dense_replace=preset("tiny").num_hidden_layers).to(torch.bfloat16)
+    x = torch.randint(0, 512, (2, 31), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        set_impl(m, "naive")
+        naive = m(x).float()
+        set_impl(m, "absorb")
+        assert cpu_kernels.widen_bf16_products(torch.zeros(1, dtype=torch.bfloat16))
+        widened = m(x).float()
+        monkeypatch.setattr(cpu_kernels, "widen_bf16_products", lambda t: False)
+        plain = m(x).float()
+    scale = naive.abs().max()
+    assert (widened - naive).abs().max() < 0.05 * scale
+    assert (widened - plain).abs().max() < 0.05 * scale
+
+
 @pytest.mark.parametrize("impl", ["naive", "absorb", "auto"])
 def test_cached_incremental_decode_equals_full_forward(impl):
     m = tiny_model(seed=1)

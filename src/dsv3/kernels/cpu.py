@@ -120,28 +120,37 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 # the dtypes the kernels take (weights, rows and outputs of one call share one); bf16 products and sums
 # are fp32, each output rounded to bf16 once
 DTYPES = (torch.float32, torch.bfloat16)
+# Up to how many rows each kernel beats PyTorch's GEMMs on this project's CPUs (docs/engine.md): the
+# experts of this many tokens, the projections of this many rows
+MOE_MAX_TOKENS = 64
+LINEAR_MAX_ROWS = 16
 
 
-def supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: on the CPU, one dtype of DTYPES, contiguous weights, and
-    the library loads."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the kernels take x with these weights: inference (no autograd through them, not traced by
+    torch.compile), on the CPU, one dtype of DTYPES, contiguous weights, and the library loads. The one
+    place the model's layers (dsv3.model.linear.Linear, MoE) ask."""
+    return (not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and x.device.type == "cpu" and x.dtype in DTYPES
             and all(w.device.type == "cpu" and w.dtype == x.dtype and w.is_contiguous() for w in weights)
             and library() is not None)
+
+
+def widen_bf16_products(t: torch.Tensor) -> bool:
+    """Whether small bf16 products on t's device run faster widened to fp32 (exactly) in inference:
+    PyTorch's CPU bf16 bmm takes 100-300 us on absorbed attention's decode shapes, where fp32 takes a few."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, idx: torch.Tensor,
         gw: torch.Tensor) -> torch.Tensor:
     """Routed experts of a few tokens: x (T, D), w1/w3 (E, I, D), w2 (E, D, I) contiguous, expert ids idx
     (T, K) and gate weights gw (T, K) -> sum_k gw[t, k] * w2_e (silu(w1_e x_t) * (w3_e x_t)), e = idx[t, k],
-    in x's dtype. The caller checks supports()."""
+    in x's dtype. The caller checks usable()."""
     T, D = x.shape
     E, I, _ = w1.shape
     K = idx.shape[1]
@@ -149,7 +158,7 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, i
     idx = idx.to(torch.int64).contiguous()
     gw = gw.to(torch.float32).contiguous()
     out = torch.empty(T, D, dtype=x.dtype)
-    rc = library().dsv3_moe(_ptr(x), _ptr(w1), _ptr(w3), _ptr(w2), _ptr(idx), _ptr(gw), _ptr(out),
+    rc = library().dsv3_moe(x.data_ptr(), w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), idx.data_ptr(), gw.data_ptr(), out.data_ptr(),
                             T, D, I, K, E, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
     if rc == -1:
         raise IndexError(f"expert id out of range [0, {E}) in {idx.tolist()}")
@@ -159,13 +168,13 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, i
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T for a few rows, in x's dtype (the caller checks supports(x, w)). Each output
+    """x (M, K) @ w (N, K)^T for a few rows, in x's dtype (the caller checks usable(x, w)). Each output
     is one dot product evaluated the same way whatever M is (batch-invariant)."""
     x = x.contiguous()
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=x.dtype)
-    if library().dsv3_linear(_ptr(x), _ptr(w), _ptr(out), M, K, N, torch.get_num_threads(),
+    if library().dsv3_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
                              int(x.dtype == torch.bfloat16)) != 0:
         raise MemoryError("dsv3_linear: out of memory")
     return out

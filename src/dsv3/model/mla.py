@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.norm import RMSNorm
 from dsv3.model.linear import Linear
 from dsv3.model.rope import apply_rotary
@@ -155,9 +156,9 @@ class MLA(nn.Module):
         B, S, H, _ = q_nope.shape
         L, C = kv.shape[1], self.kv_lora_rank
         dtype = q_nope.dtype
-        # bf16 inference on the CPU runs the products in fp32 on the (exactly widened) bf16 values:
-        # PyTorch's CPU bf16 bmm takes 100-300 us on these shapes where fp32 takes a few
-        up = dtype == torch.bfloat16 and q_nope.device.type == "cpu" and not torch.is_grad_enabled()
+        # where small bf16 products are slow (PyTorch's CPU bmm), they run in fp32 on the exactly widened
+        # values and the output is rounded to bf16 once
+        up = cpu_kernels.widen_bf16_products(q_nope)
         w_k, w_v = self._absorb_weights(torch.float32 if up else None)  # (H, nope, C), (H, v, C)
         kvpe = _joined(kv, pe)  # (B, L, C + R)
         if up:

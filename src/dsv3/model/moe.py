@@ -56,10 +56,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 # "auto" runs the routed experts pair by pair (Experts.forward_pairs) for this many tokens or fewer
+# (and through the C kernel, Experts.forward_kernel, for up to dsv3.kernels.cpu.MOE_MAX_TOKENS where it
+# can: it beats both; above that, grouped_mm's GEMMs are compute-bound and faster)
 PAIRS_MAX_TOKENS = 2
-# ... and through the C kernel (Experts.forward_kernel: fp32/bf16 on AVX-512 CPUs) for this many or fewer,
-# where it beats both (docs/engine.md); above it, grouped_mm's GEMMs are compute-bound and faster
-KERNEL_MAX_TOKENS = 64
 
 
 class MLP(nn.Module):
@@ -171,10 +170,9 @@ class Experts(nn.Module):
             out.index_add_(0, tok, y)
         return out
 
-
     def kernel_ok(self, x) -> bool:
-        """Whether forward_kernel takes x and these weights (see dsv3.kernels.cpu.supports)."""
-        return cpu_kernels.supports(x, self.w1, self.w2, self.w3)
+        """Whether forward_kernel takes x and these weights (dsv3.kernels.cpu.usable)."""
+        return cpu_kernels.usable(x, self.w1, self.w2, self.w3)
 
     def forward_kernel(self, x, weights, idx):
         """Decode path without autograd on AVX-512 CPUs, fp32 or bf16: the C kernel of dsv3/kernels/moe_cpu.c
@@ -210,7 +208,7 @@ class MoE(nn.Module):
         # experts (decode: grouped_mm's CPU path visits every expert, even empty ones);
         # "grouped" / "loop" force one path (the twins the tests tie together); "pairs" is the
         # per-pair decode path auto takes for at most PAIRS_MAX_TOKENS tokens without autograd, and
-        # "kernel" the C kernel it takes before that for at most KERNEL_MAX_TOKENS (AVX-512 CPUs).
+        # "kernel" the C kernel it takes before that for at most cpu_kernels.MOE_MAX_TOKENS.
         self.impl = "auto"
         # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
         # statistics and losses of training / the engine's expert-load counters.
@@ -235,9 +233,7 @@ class MoE(nn.Module):
         impl = self.impl
         if impl == "auto":
             # (other expert implementations, e.g. FP8-resident ones, bring grouped and loop only)
-            if x.shape[0] <= KERNEL_MAX_TOKENS and hasattr(self.experts, "forward_kernel") \
-                    and not torch.compiler.is_compiling() \
-                    and not (torch.is_grad_enabled() and (x.requires_grad or self.experts.w1.requires_grad)) \
+            if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and hasattr(self.experts, "forward_kernel") \
                     and self.experts.kernel_ok(x):
                 impl = "kernel"
             elif x.shape[0] <= PAIRS_MAX_TOKENS and not (torch.is_grad_enabled() and x.requires_grad) \
