@@ -491,10 +491,13 @@ def test_serve_dp2_under_torchrun(tmp_path):
                 assert m['dsv3:dp_replica_generation_tokens_total{replica="1"}'] < gen1 + 900
         _wait(lambda: _metrics(url)["dsv3:num_requests_running"] == 0, "A to be cancelled too")
 
-        # SIGTERM while a stream runs on each replica: both finish, then every rank exits
+        # SIGTERM while a stream runs on each replica: both finish, then every rank exits. Two prompts
+        # no replica has seen: the router places them by load alone (one each), whereas the prompts
+        # above may both have left their prefix on one replica, depending on how the 16 streams arrived
+        last = prompts(2, 99, 3, 40)
         with httpx.Client(timeout=120) as client:
-            with client.stream("POST", url + "/v1/completions", json=body(ps[0], 150)) as rc, \
-                    client.stream("POST", url + "/v1/completions", json=body(ps[1], 150)) as rd:
+            with client.stream("POST", url + "/v1/completions", json=body(last[0], 150)) as rc, \
+                    client.stream("POST", url + "/v1/completions", json=body(last[1], 150)) as rd:
                 streams = [_sse(rc.iter_lines()), _sse(rd.iter_lines())]
                 firsts = [next(s) for s in streams]
                 m = _metrics(url)
@@ -503,7 +506,7 @@ def test_serve_dp2_under_torchrun(tmp_path):
                 for i, (s, first) in enumerate(zip(streams, firsts)):
                     chunks = [first, *s]
                     toks = [t for ch in chunks for t in ch["choices"][0].get("token_ids") or []]
-                    ref = [t for o in solo(ref_model, ps[i], SamplingParams(max_new_tokens=150, ignore_eos=True))
+                    ref = [t for o in solo(ref_model, last[i], SamplingParams(max_new_tokens=150, ignore_eos=True))
                            for t in o.new_token_ids]
                     assert toks == ref and chunks[-1]["choices"][0]["finish_reason"] == "length"
         proc.wait(60)
