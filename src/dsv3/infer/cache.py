@@ -26,5 +26,32 @@ class LatentCache:
         self.pe[layer][rows, positions] = pe.to(self.pe.dtype)
         return self.kv[layer, :, :L], self.pe[layer, :, :L]
 
+    def kernel_slots(self, layer: int, positions: torch.Tensor):
+        """The cache as the CPU decode kernels address it (dsv3.kernels.cpu.mla_block): layer's kv (B * max_len, C)
+        and pe (B * max_len, R) rows, the rows the tokens at `positions` (B, S) are written to (B * S,), and
+        the rows each sequence reads, slots 0..L-1 (B, L). The two index tensors are kept for the next
+        layers while the positions stay the same."""
+        if self.kv.device.type != "cpu":
+            return None
+        memo = getattr(self, "_slots_memo", None)
+        if memo is None or memo[0].shape != positions.shape or not torch.equal(memo[0], positions):
+            if positions.device.type != "cpu":
+                return None
+            B = self.kv.shape[1]
+            L = int(positions.max()) + 1
+            if L > self.max_len:
+                raise ValueError(f"position {L - 1} is beyond the cache length {self.max_len}")
+            if int(positions.min()) < 0:
+                raise ValueError(f"negative position {int(positions.min())}")
+            if positions.shape[0] != B:
+                raise ValueError(f"{positions.shape[0]} rows of positions for a cache of {B} rows")
+            base = torch.arange(B)[:, None] * self.max_len
+            memo = (positions.clone(), (base + positions).flatten().contiguous(), base + torch.arange(L)[None], {})
+            self._slots_memo = memo
+        views = memo[3].get(layer)
+        if views is None:
+            views = memo[3][layer] = (self.kv[layer].view(-1, self.kv.shape[-1]), self.pe[layer].view(-1, self.pe.shape[-1]))
+        return views[0], views[1], memo[1], memo[2]
+
     def bytes_per_token_per_layer(self) -> int:
         return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()

@@ -136,6 +136,17 @@ class PagedLatentCache:
         t = torch.arange(L, device=tables.device)
         self._read = (tables[:, t // bs] * bs + t % bs).flatten()
 
+    def kernel_slots(self, layer: int, positions: torch.Tensor):
+        """The pool as the CPU decode kernels address it (dsv3.kernels.cpu.mla_block): layer's kv and pe
+        halves of the slot rows, the slots the bound positions are written to, and each row's slots of
+        positions 0..L-1 (B, L) (what `update` writes and gathers)."""
+        assert positions is self._positions, "bind() the block tables of this forward first"
+        if self.lat.device.type != "cpu":
+            return None
+        C = self.kv.shape[-1]
+        lat = self.lat[layer]
+        return lat[:, :C], lat[:, C:], self._slots, self._read.view(positions.shape[0], self._L)
+
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor):
         # kv (B, S, C), pe (B, S, R); slot t of row b lives at block tables[b, t // bs], offset t % bs
         assert positions is self._positions, "bind() the block tables of this forward first"

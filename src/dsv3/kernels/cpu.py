@@ -22,8 +22,13 @@ import torch
 
 log = logging.getLogger("dsv3.kernels")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_cpu.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing"]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c")]
+_HEADERS = [os.path.join(_HERE, "common.h")]
+# -ffp-contract=off: products and sums written as separate C operations round separately, as PyTorch's
+# separate ops do (the kernels' fused multiply-adds are explicit intrinsics)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing",
+          "-ffp-contract=off"]
 _reason: str | None = None
 
 
@@ -56,12 +61,14 @@ def _compiler() -> str | None:
 def _build(cc: str) -> str:
     """Compile the source into the cache (atomically: concurrent builders each write a temporary file
     and rename it) and return the library's path."""
-    with open(_SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for name in _SOURCES + _HEADERS:
+        with open(name, "rb") as f:
+            src += f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(src + version.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     folder = cache_dir()
-    path = os.path.join(folder, f"moe_cpu-{key}.so")
+    path = os.path.join(folder, f"dsv3_cpu-{key}.so")
     if os.path.exists(path):
         return path
     try:
@@ -70,14 +77,14 @@ def _build(cc: str) -> str:
             raise PermissionError(folder)
     except OSError:  # a read-only home: a per-user folder of the temporary directory
         folder = os.path.join(tempfile.gettempdir(), f"dsv3-kernels-{os.getuid()}")
-        path = os.path.join(folder, f"moe_cpu-{key}.so")
+        path = os.path.join(folder, f"dsv3_cpu-{key}.so")
         if os.path.exists(path):
             return path
         os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp, _SOURCE, "-lm"], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *_FLAGS, "-o", tmp, *_SOURCES, "-lm"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -110,6 +117,19 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_moe.restype = i32
             lib.dsv3_linear.argtypes = [p] * 3 + [i64] * 3 + [i32, i32]
             lib.dsv3_linear.restype = i32
+            f32 = ctypes.c_float
+            lib.dsv3_rmsnorm.argtypes = [p, i64, p, p, i64, i64, f32, i32, i32]
+            lib.dsv3_rmsnorm.restype = i32
+            lib.dsv3_rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
+            lib.dsv3_rotary.restype = i32
+            lib.dsv3_mla_attend.argtypes = [p] * 5 + [i64] * 4 + [p] * 5 + [i64] * 8 + [f32, i32, i32, i32]
+            lib.dsv3_mla_attend.restype = i32
+            lib.dsv3_mla_block.argtypes = ([p, p, i64, i64, i64, p, f32, p, p, p, f32, p, i64, p, p, f32] + [p] * 7
+                                           + [i64, i64, p, p, i64, p] + [i64] * 5 + [f32, i32, i32, i32])
+            lib.dsv3_mla_block.restype = i32
+            lib.dsv3_ffn_block.argtypes = ([p, p, i64, i64, p, f32, p, p] + [i64] * 4 + [i32] * 3 + [f32] + [p] * 3
+                                           + [i64] + [p] * 3 + [i64, i32, i32])
+            lib.dsv3_ffn_block.restype = i32
             return lib
     log.info("dsv3 CPU kernels unavailable: %s; the PyTorch paths are used", _reason)
     return None
@@ -177,4 +197,296 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if library().dsv3_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
                              int(x.dtype == torch.bfloat16)) != 0:
         raise MemoryError("dsv3_linear: out of memory")
+    return out
+
+
+# Up to how many rows the per-layer pieces of a decode step (norms, rotations, attention) take the kernels:
+# beyond, PyTorch's ops are vectorised over the rows and their dispatch cost is spread over enough work
+STEP_MAX_ROWS = 64
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int] | None:
+    """x seen as rows of its last dimension: (rows, elements between consecutive rows), or None when the
+    last dimension is strided or the rows are not evenly spaced (then the caller's PyTorch path runs)."""
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return None
+    D = x.shape[-1]
+    stride = expect = None
+    for size, st in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if expect is not None and st != expect:
+            return None
+        if stride is None:
+            stride = st
+        expect = st * size
+    return (x.numel() // D if D else 0), (D if stride is None else stride)
+
+
+def step_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """usable() for the per-layer pieces: also few enough rows, evenly spaced."""
+    if not usable(x, *weights):
+        return False
+    r = _rows(x)
+    return r is not None and 0 < r[0] <= STEP_MAX_ROWS
+
+
+def _check(rc: int, name: str):
+    if rc == -2:
+        raise MemoryError(f"{name}: out of memory")
+    if rc != 0:
+        raise ValueError(f"{name}: unsupported sizes (error {rc})")
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm.composite of x (..., D) with weight w (D,) in x's dtype: a new contiguous tensor. The caller
+    checks step_usable(x, w)."""
+    M, xs = _rows(x)
+    D = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _check(library().dsv3_rmsnorm(x.data_ptr(), xs, w.data_ptr(), out.data_ptr(), M, D, eps, torch.get_num_threads(),
+                                  int(x.dtype == torch.bfloat16)), "dsv3_rmsnorm")
+    return out
+
+
+def _angles(t: torch.Tensor, n: int, half: int) -> torch.Tensor | None:
+    """cos or sin of the rotary tables as (n, half) contiguous fp32, or None if t does not hold one angle
+    set per row."""
+    if t.dtype != torch.float32 or t.numel() != n * half:
+        return None
+    return t.reshape(n, half).contiguous()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
+    """apply_rotary of x (B, S, H, R) with cos, sin (B, S, 1, R/2), or None where the kernel does not take
+    these tensors (then the caller's PyTorch path runs)."""
+    if x.dim() != 4 or not step_usable(x):
+        return None
+    B, S, H, R = x.shape
+    rows = _rows(x[:, :, 0])
+    cs, sn = _angles(cos, B * S, R // 2), _angles(sin, B * S, R // 2)
+    if rows is None or cs is None or sn is None or R % 2 or R > 1024 or (H > 1 and x.stride(2) < R):
+        return None
+    out = torch.empty(B, S, H, R, dtype=x.dtype)
+    _check(library().dsv3_rotary(x.data_ptr(), rows[1], x.stride(2), cs.data_ptr(), sn.data_ptr(), out.data_ptr(),
+                                 B * S, H, R, int(interleave), int(x.dtype == torch.bfloat16)), "dsv3_rotary")
+    return out
+
+
+def mla_attend(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
+               mask: torch.Tensor | None, w_k: torch.Tensor, w_vt: torch.Tensor, nope: int, scale: float,
+               interleave: bool, slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Absorbed MLA attention (MLA._absorbed, with the rotation of the queries' rope part) of q (B, S, H,
+    nope + R) over kv (B, L, C) and pe (B, L, R), or, with slots (B, L) int64, over the rows slots[b, l] of
+    kv (N, C) and pe (N, R); mask (B, S, L) bool or None (causal); w_k (H, nope, C) and w_vt (H, C, v) fp32
+    contiguous. -> (B, S, H, v) in q's dtype, or None where the kernel does not take these tensors."""
+    if q.dim() != 4 or not q.is_contiguous() or not step_usable(q) or kv.dtype != q.dtype or pe.dtype != q.dtype:
+        return None
+    B, S, H, QD = q.shape
+    R = QD - nope
+    C, V = w_k.shape[2], w_vt.shape[2]
+    if (w_k.dtype != torch.float32 or w_vt.dtype != torch.float32 or not w_k.is_contiguous()
+            or not w_vt.is_contiguous() or w_k.shape != (H, nope, C) or w_vt.shape[:2] != (H, C)
+            or kv.shape[-1] != C or pe.shape[-1] != R or kv.stride(-1) != 1 or pe.stride(-1) != 1
+            or R % 2 or R > 1024 or nope > 1024 or V > 1024):
+        return None
+    if slots is None:
+        if kv.dim() != 3 or pe.dim() != 3 or kv.shape[0] != B or pe.shape[:2] != kv.shape[:2]:
+            return None
+        L = kv.shape[1]
+        strides = (kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1))
+        ptr = None
+    else:
+        if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.dim() != 2 or slots.shape[0] != B:
+            return None
+        L = slots.shape[1]
+        strides = (0, kv.stride(-2), 0, pe.stride(-2))
+        ptr = slots.data_ptr()
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, S, L):
+            return None
+        mask = mask.contiguous()
+    cs, sn = _angles(cos, B * S, R // 2), _angles(sin, B * S, R // 2)
+    if cs is None or sn is None:
+        return None
+    out = torch.empty(B, S, H, V, dtype=q.dtype)
+    _check(library().dsv3_mla_attend(
+        q.data_ptr(), cs.data_ptr(), sn.data_ptr(), kv.data_ptr(), pe.data_ptr(), *strides, ptr,
+        None if mask is None else mask.data_ptr(), w_k.data_ptr(), w_vt.data_ptr(), out.data_ptr(),
+        B, S, H, nope, R, C, V, L, scale, int(interleave), torch.get_num_threads(), int(q.dtype == torch.bfloat16)),
+        "dsv3_mla_attend")
+    return out
+
+
+def _hooked(mods) -> bool:
+    """Whether any forward hook would see these modules' calls (a fused kernel call would skip them)."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks) or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in mods)
+
+
+class _Plan:
+    """What a fused block call needs from its modules, gathered once per module set: the modules (for the
+    hook check), where their weights are ((module, name) pairs, read through the parameter dicts on every
+    call, so that a replaced parameter is seen), the constant arguments, and the weights' (data pointer,
+    dtype) of the last call that passed the checks."""
+
+    def __init__(self, mods, weights, consts, ok=True):
+        self.mods, self.consts, self.ok = mods, consts, ok
+        self.params = [(mod._parameters, name) for mod, name in weights]
+        self.checked = None
+        self.subs = self.extra = None
+
+    def weights(self, x: torch.Tensor):
+        """The weights, or None where usable(x, *weights) fails (checked again when a weight changes)."""
+        ws = [d.get(n) for d, n in self.params]
+        if any(w is None for w in ws):
+            return None
+        key = (x.dtype, *[w.data_ptr() for w in ws])
+        if key != self.checked:
+            if not usable(x, *ws):
+                return None
+            self.checked = key
+        return ws
+
+
+def _plain(lins, *norms) -> bool:
+    """Whether these are the model's own bias-free projections and norms: a replaced module (tensor-parallel,
+    FP8, ...) computes something else than the kernels would (a sharded product and its all-reduce, ...)."""
+    from dsv3.model.linear import Linear
+    from dsv3.model.norm import RMSNorm
+
+    return all(type(lin) is Linear and lin.bias is None for lin in lins) and all(type(n) is RMSNorm for n in norms)
+
+
+def _attn_plan(norm, attn) -> _Plan:
+    plan = attn.__dict__.get("_kernel_plan")
+    subs = tuple(attn._modules.values())  # a replaced projection (e.g. by an FP8 one) makes a new plan
+    if plan is not None and plan.mods[0] is norm and plan.subs == subs:
+        return plan
+    lora = attn.q_lora_rank is not None
+    lins = [attn.wq_a, attn.wq_b] if lora else [attn.wq]
+    lins += [attn.wkv_a, attn.wo]
+    mods = [norm, attn.wkv_a, attn.kv_norm, attn.wo] + ([attn.wq_a, attn.q_norm, attn.wq_b] if lora else [attn.wq])
+    consts = (norm.eps, attn.kv_norm.eps, attn.q_norm.eps if lora else 0.0, attn.q_lora_rank or 0)
+    plan = _Plan(mods, [(m, "weight") for m in mods], consts,
+                 ok=attn.rope_dim % 2 == 0 and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])))
+    plan.subs = subs
+    attn.__dict__["_kernel_plan"] = plan
+    return plan
+
+
+def mla_block(x: torch.Tensor, attn_norm, attn, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+              slots) -> torch.Tensor | None:
+    """x + attn(attn_norm(x)) for the rows x (B, S, D) of a decode step (Block.forward's attention half:
+    dsv3.model.mla.MLA.decode_block), over a cache's kernel slots (kv (N, C), pe (N, R), write slots (B * S,),
+    read slots (B, L)): one kernel call. None where the kernel does not take these tensors, or where forward
+    hooks on the modules would miss the call."""
+    B, S, D = x.shape
+    plan = _attn_plan(attn_norm, attn)
+    if not plan.ok or not x.is_contiguous() or _hooked(plan.mods):
+        return None
+    ws = plan.weights(x)
+    kv, pe, wslots, rslots = slots
+    L = rslots.shape[1]
+    dt = x.dtype
+    if ws is None or kv.dtype != dt or pe.dtype != dt or kv.stride(-1) != 1 or pe.stride(-1) != 1:
+        return None
+    half = attn.rope_dim // 2
+    cs, sn = _angles(cos, B * S, half), _angles(sin, B * S, half)
+    if cs is None or sn is None:
+        return None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, S, L):
+            return None
+        mask = mask.contiguous()
+    w_k, w_v = attn._absorb_weights(torch.float32)  # w_v: the transpose of a contiguous (H, C, v), as the kernel takes it
+    out = torch.empty_like(x)
+    eps, kv_eps, q_eps, qr = plan.consts
+    p = [w.data_ptr() for w in ws]  # norm, wkv_a, kv_norm, wo, then wq_a, q_norm, wq_b or wq
+    q_args = (0, p[4], p[5], q_eps, p[6], qr) if qr else (p[4], 0, 0, 0.0, 0, 0)
+    _check(library().dsv3_mla_block(
+        x.data_ptr(), out.data_ptr(), B, S, D, p[0], eps, *q_args, p[1], p[2], kv_eps, p[3],
+        w_k.data_ptr(), w_v.data_ptr(), cs.data_ptr(), sn.data_ptr(), kv.data_ptr(), pe.data_ptr(),
+        kv.stride(-2), pe.stride(-2), wslots.data_ptr(), rslots.data_ptr(), L, None if mask is None else mask.data_ptr(),
+        attn.n_heads, attn.nope, attn.rope_dim, attn.kv_lora_rank, attn.v_dim, attn.softmax_scale,
+        int(attn.interleave), torch.get_num_threads(), int(dt == torch.bfloat16)), "dsv3_mla_block")
+    return out
+
+
+_SCORES = {"sigmoid": 0, "softmax": 1}
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def _ffn_plan(norm, ffn) -> _Plan:
+    """The plan of Block.forward's second half: a plain MoE (its own Gate, Experts and shared MLP, no
+    replaced `routed`, impl "auto", no routing record) or a dense MLP; anything else is not planned (ok False)."""
+    from dsv3.model.moe import MLP, Experts, Gate, MoE
+
+    plan = ffn.__dict__.get("_kernel_plan")
+    subs = tuple(ffn._modules.values())
+    if plan is not None and plan.mods[0] is norm and plan.subs == subs:
+        return plan
+    if type(ffn) is MLP:
+        mlp, moe = ffn, None
+    elif (type(ffn) is MoE and type(ffn.gate) is Gate and type(ffn.experts) is Experts and "routed" not in ffn.__dict__
+          and (ffn.shared_experts is None or type(ffn.shared_experts) is MLP)):
+        mlp, moe = ffn.shared_experts, ffn
+    else:
+        mlp = moe = None
+    mods, weights, consts = [norm, ffn], [(norm, "weight")], ()
+    ok = mlp is not None or moe is not None
+    if ok and mlp is not None:
+        lins = [mlp.w1, mlp.w3, mlp.w2]
+        mods += [mlp, *lins]
+        weights += [(lin, "weight") for lin in lins]
+        consts = (mlp.w1.weight.shape[0],)
+        ok = _plain(lins, norm)
+    if ok and moe is not None:
+        g, ex = moe.gate, moe.experts
+        mods += [g, ex]
+        weights += [(g, "weight"), (ex, "w1"), (ex, "w3"), (ex, "w2")]
+        ok = g.score_func in _SCORES and g.topk_method in _METHODS and _plain([], norm)
+        consts += (g.n_experts, g.topk, g.n_group, g.topk_group, _SCORES.get(g.score_func), _METHODS.get(g.topk_method),
+                   int(g.norm_topk_prob), float(g.route_scale), ex.w1.shape[1])
+    plan = _Plan(mods, weights, consts, ok)
+    plan.subs, plan.extra = subs, (moe is not None, mlp is not None, moe.gate._buffers if moe is not None else None)
+    ffn.__dict__["_kernel_plan"] = plan
+    return plan
+
+
+def ffn_block(x: torch.Tensor, ffn_norm, ffn) -> torch.Tensor | None:
+    """x + ffn(ffn_norm(x)) for the rows x (B, S, D) of a decode step (Block.forward's second half), a MoE
+    (router, routed experts and shared experts) or a dense MLP: one kernel call. None where the kernel does
+    not take these modules or tensors, or where forward hooks on the modules would miss the call."""
+    plan = _ffn_plan(ffn_norm, ffn)
+    if not plan.ok or not x.is_contiguous() or _hooked(plan.mods) or x.numel() == 0:
+        return None
+    ws = plan.weights(x)
+    if ws is None:
+        return None
+    D = x.shape[-1]
+    M = x.numel() // D
+    if M > LINEAR_MAX_ROWS:
+        return None
+    out = torch.empty_like(x)
+    p = [w.data_ptr() for w in ws]  # norm, then (shared / dense) w1, w3, w2, then gate, experts w1, w3, w2
+    is_moe, has_mlp, gate_buffers = plan.extra
+    s = (p[1], p[2], p[3], plan.consts[0]) if has_mlp else (0, 0, 0, 0)
+    if not is_moe:
+        r = (0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0)
+    else:
+        E, K, G, TG, score, method, norm, scale, inter = plan.consts[1:] if has_mlp else plan.consts
+        q = p[4:] if has_mlp else p[1:]
+        bias = gate_buffers.get("bias")
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu"):
+            bias = bias.float().contiguous().cpu()
+        r = (q[0], None if bias is None else bias.data_ptr(), E, K, G, TG, score, method, norm, scale,
+             q[1], q[2], q[3], inter)
+    rc = library().dsv3_ffn_block(x.data_ptr(), out.data_ptr(), M, D, p[0], ffn_norm.eps, *r, *s,
+                                  torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+    if rc == -1:
+        raise IndexError("dsv3_ffn_block: expert id out of range")
+    _check(rc, "dsv3_ffn_block")
     return out

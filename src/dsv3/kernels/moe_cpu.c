@@ -23,36 +23,12 @@
  * Threads: the matrix rows are split across nthreads OpenMP threads (for the experts: phase 1 the w1/w3
  * rows, then phase 2 the w2 rows); the arithmetic of a value does not depend on the split.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
 #define MAXM 8 /* rows computed together (their accumulators stay in registers) */
 #ifndef PREFETCH
 #define PREFETCH 1024 /* values ahead in a weight row stream (4 KB of fp32; 512-1536 measured alike on `small`) */
 #endif
-#define MAXT 64
-
-static inline int64_t kblocks(int64_t k) { return (k + 15) / 16; }
-
-static inline float bf2f(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
 /* rows[0..M) (each K values, fp32 or bf16) -> dst [kblocks(K)][M][16] fp32, zero-padded */
 static void pack(const void *const *rows, int bf, int M, int64_t K, float *dst) {
@@ -68,20 +44,6 @@ static void pack(const void *const *rows, int bf, int M, int64_t K, float *dst) 
             if (n < 16) memset(d + n, 0, (size_t)(16 - n) * sizeof(float));
         }
     }
-}
-
-static inline __attribute__((always_inline)) __m512 loadw(const void *w, int64_t k, const int bf) {
-    if (bf)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k))), 16));
-    return _mm512_loadu_ps((const float *)w + k);
-}
-
-static inline __attribute__((always_inline)) __m512 loadw_mask(const void *w, int64_t k, __mmask16 mask, const int bf) {
-    if (bf)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + k)), 16));
-    return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
 }
 
 /* dot products of R weight rows w[r] (K values each, fp32 or bf16) with the M packed rows xp ->
@@ -130,23 +92,6 @@ DOTS_M(1, 2)
     dots_##B##_##R##_5, dots_##B##_##R##_6, dots_##B##_##R##_7, dots_##B##_##R##_8}
 /* DOTS_BY[bf][R - 1][M]: R weight rows (1 or 2) of dtype bf (0 fp32, 1 bf16) with M packed rows */
 static const dots_fn DOTS_BY[2][2][MAXM + 1] = {{DOTS_ROW(0, 1), DOTS_ROW(0, 2)}, {DOTS_ROW(1, 1), DOTS_ROW(1, 2)}};
-
-static void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
-    *lo = n * t / nt;
-    *hi = n * (t + 1) / nt;
-}
-
-/* run fn(&jobs[t]) for t < nthreads, in parallel: an OpenMP region (in the process that loaded PyTorch,
- * the OpenMP runtime and thread pool PyTorch's own kernels use: its symbols are already loaded) */
-static int run_threads(void *(*fn)(void *), void *jobs, size_t size, int nthreads) {
-    if (nthreads == 1) {
-        fn(jobs);
-        return 0;
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
-    for (int t = 0; t < nthreads; t++) fn((char *)jobs + t * size);
-    return 0;
-}
 
 /* ------------------------------------------------------------------ routed experts */
 

@@ -81,10 +81,12 @@ class MLA(nn.Module):
         # prefill and training, absorbed for decode and short verify chunks over a long cache).
         self.attn_impl = "auto"
 
-    def _query(self, x, cos, sin):
+    def _q(self, x):
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)  # (B, S, H, nope + rope)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)  # (B, S, H, nope + rope), rope not rotated
+
+    def _query(self, x, cos, sin):
+        q_nope, q_pe = self._q(x).split([self.nope, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, cos, sin, self.interleave)
 
     def latent(self, x, cos, sin):
@@ -94,15 +96,39 @@ class MLA(nn.Module):
 
     def forward(self, x, cos, sin, positions, mask, cache=None):
         # x (B, S, D); cos/sin (B, S, 1, R/2); positions (B, S); mask (B, S, L) bool or None (causal, no cache)
-        q_nope, q_pe = self._query(x, cos, sin)
+        q = self._q(x)
         kv, pe = self.latent(x, cos, sin)
         if cache is not None:
             kv, pe = cache.update(self.layer_id, kv, pe, positions)
         impl = self.attn_impl
         if impl == "auto":
             impl = self._cheaper(x.shape[1], kv.shape[1])
-        o = (self._naive if impl == "naive" else self._absorbed)(q_nope, q_pe, kv, pe, mask)
+        o = None
+        if impl != "naive" and cpu_kernels.step_usable(q):
+            # decode-sized inference on the CPU: the whole absorbed attention, query rotation included, in
+            # one kernel call (dsv3/kernels/attn_cpu.c; None where it does not take these tensors)
+            w_k, w_v = self._absorb_weights(torch.float32)
+            o = cpu_kernels.mla_attend(q, cos, sin, kv, pe, mask, w_k, w_v.transpose(1, 2), self.nope,
+                                       self.softmax_scale, self.interleave)
+        if o is None:
+            q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+            q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
+            o = (self._naive if impl == "naive" else self._absorbed)(q_nope, q_pe, kv, pe, mask)
         return self.wo(o.flatten(2))
+
+    def decode_block(self, x, norm, cos, sin, positions, mask, cache):
+        """x + self(norm(x), ...) for the few rows of a decode step over a cache that offers its slots to
+        the CPU kernels (`cache.kernel_slots`): the whole attention half of the block in one kernel call
+        (dsv3/kernels/attn_cpu.c, dsv3_mla_block). None where that does not apply; the caller then runs
+        the modules (their twin, tests/test_cpu_kernels.py)."""
+        B, S = x.shape[:2]
+        if (cache is None or B * S > cpu_kernels.LINEAR_MAX_ROWS or self.attn_impl == "naive"
+                or not hasattr(cache, "kernel_slots") or not cpu_kernels.usable(x)):
+            return None
+        slots = cache.kernel_slots(self.layer_id, positions)
+        if slots is None or (self.attn_impl == "auto" and self._cheaper(S, slots[3].shape[1]) == "naive"):
+            return None
+        return cpu_kernels.mla_block(x, norm, self, cos, sin, mask, slots)
 
     def _cheaper(self, S: int, L: int) -> str:
         """FLOPs per batch row: naive decompresses all L latents through wkv_b then attends per
@@ -142,9 +168,10 @@ class MLA(nn.Module):
         if torch.is_grad_enabled() and w.requires_grad:
             w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             return w[:, :self.nope], w[:, self.nope:]
+        dtype = dtype or w.dtype
         key = (version_key(w), dtype)
         if getattr(self, "_absorb_key", None) != key:
-            w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank).to(dtype or w.dtype)
+            w3 = w.detach().view(H, self.nope + self.v_dim, self.kv_lora_rank).to(dtype)
             w_vt = w3[:, self.nope:].transpose(1, 2).contiguous()  # (H, C, v)
             self._absorb_cache = (w3[:, :self.nope].contiguous(), w_vt.transpose(1, 2))
             self._absorb_key = key

@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from dsv3.kernels import cpu as cpu_kernels
+
 
 class _RMSNormFn(torch.autograd.Function):
     """weight * (x * rsqrt(mean(x^2) + eps)) with a hand-written backward: the training path of
@@ -48,6 +50,8 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
                 and not torch.compiler.is_compiling():
             return _RMSNormFn.apply(x, self.weight, self.eps)
+        if cpu_kernels.step_usable(x, self.weight):  # a few rows in CPU inference: one kernel call
+            return cpu_kernels.rmsnorm(x, self.weight, self.eps)
         return self.composite(x)
 
     def composite(self, x: torch.Tensor) -> torch.Tensor:

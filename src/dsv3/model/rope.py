@@ -10,6 +10,7 @@ import math
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.kernels import cpu as cpu_kernels
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -63,6 +64,9 @@ class Rotary(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """x (B, S, H, rope) rotated; computed in fp32, returned in x's dtype. Layout is preserved."""
+    out = cpu_kernels.rotary(x, cos, sin, interleave)  # a few rows in CPU inference: one kernel call
+    if out is not None:
+        return out
     xf = x.float()
     if interleave:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]

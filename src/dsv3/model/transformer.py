@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Gate, MoE
 from dsv3.model.mtp import MTP
@@ -21,8 +22,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, positions, mask, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, mask, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        # the few rows of a CPU decode step: each half of the block in one kernel call (None: not such a step)
+        h = self.attn.decode_block(x, self.attn_norm, cos, sin, positions, mask, cache)
+        if h is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, positions, mask, cache)
+        else:
+            x, h = h, cpu_kernels.ffn_block(h, self.ffn_norm, self.ffn)
+        return x + self.ffn(self.ffn_norm(x)) if h is None else h
 
 
 class Transformer(nn.Module):

@@ -80,6 +80,9 @@ class StageLatentCache(PagedLatentCache):
         # MLA passes its global layer_id; a layer of another stage here is a wiring bug
         return super().update(self._slot[layer], kv, pe, positions)
 
+    def kernel_slots(self, layer: int, positions):
+        return super().kernel_slots(self._slot[layer], positions)
+
 
 class PipelineStage(nn.Module):
     """One rank's part of the model (see the module docstring): `layers` holds the Blocks of

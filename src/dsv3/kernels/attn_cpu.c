@@ -1,0 +1,510 @@
+/* The small per-layer pieces of a decode step on x86 CPUs with AVX-512 (dsv3.kernels.cpu builds and loads
+ * this with moe_cpu.c): each replaces a chain of a few to twenty eager PyTorch ops whose dispatch, not
+ * their arithmetic, is what a decode step of a few rows pays for.
+ *
+ *   dsv3_rmsnorm:   out = w * (x / sqrt(mean(x^2) + eps)), statistics in fp32 (RMSNorm.composite);
+ *   dsv3_rotary:    the rotary embedding of interleaved pairs or of halves (dsv3.model.rope.apply_rotary);
+ *   dsv3_mla_attend: MLA's absorbed attention of a few queries over the latent cache
+ *                   (MLA._absorbed, with the rotation of the queries' rope part):
+ *                     q_lat_h = W_k,h^T q_nope_h                         (C values per head)
+ *                     s_hl    = scale * (q_lat_h . kv_l + rope(q_pe_h) . pe_l)   over visible slots l
+ *                     p_h     = softmax(s_h)
+ *                     o_h     = W_v,h (sum_l p_hl kv_l)                  (v values per head)
+ *
+ * Every value is computed in fp32 in an order that does not depend on the other rows of the call or on
+ * the number of threads (each (query, head) is one job; each dot product is a 16-wide accumulator reduced
+ * in a fixed order), so a sequence's result does not depend on the batch. bf16 inputs are widened
+ * exactly and the outputs rounded to bf16 where the PyTorch path rounds them (after the normalisation
+ * and after the weight product of RMSNorm, after the rotation, once at the end of attention).
+ */
+#include <float.h>
+
+#include "common.h"
+
+static inline void widen(const void *src, int bf, int64_t n, float *dst) {
+    if (bf)
+        for (int64_t i = 0; i < n; i++) dst[i] = bf2f(((const uint16_t *)src)[i]);
+    else
+        memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+static inline void store(void *dst, int bf, int64_t i, float v) {
+    if (bf) ((uint16_t *)dst)[i] = f2bf(v);
+    else ((float *)dst)[i] = v;
+}
+
+static inline __mmask16 tail(int64_t n) { return (__mmask16)((1u << n) - 1); }
+
+/* sum_i a[i] b[i], fp32, 16 lanes, fixed order */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+    if (k < n) {
+        __mmask16 m = tail(n - k);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* sum_i a[i] w[i] for fp32 a and w of dtype bf, 16 lanes, fixed order */
+static inline float dot_w(const float *a, const void *w, int64_t n, int bf) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), loadw(w, k, bf), acc);
+    if (k < n) {
+        __mmask16 m = tail(n - k);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), loadw_mask(w, k, m, bf), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* y[0..n) += a * x[0..n) */
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    __m512 av = _mm512_set1_ps(a);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        _mm512_storeu_ps(y + k, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + k), _mm512_loadu_ps(y + k)));
+    if (k < n) {
+        __mmask16 m = tail(n - k);
+        _mm512_mask_storeu_ps(y + k, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k)));
+    }
+}
+
+/* e^x for x <= 0 (softmax after subtracting the maximum), ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+ * polynomial of r (the Cephes expf coefficients), times 2^n; below -87.3 (e^x < 1.2e-38) it returns 0 */
+static inline __m512 exp_neg(__m512 x) {
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+/* ------------------------------------------------------------------ RMSNorm */
+
+typedef struct {
+    const char *x, *w;
+    char *out;
+    int64_t xs, D, lo, hi;
+    float eps;
+    int bf;
+} norm_t;
+
+static void *norm_run(void *arg) {
+    const norm_t *j = (const norm_t *)arg;
+    const int64_t es = j->bf ? 2 : 4;
+    float *xf = malloc((size_t)j->D * sizeof(float)), *wf = malloc((size_t)j->D * sizeof(float));
+    if (!xf || !wf) { free(xf); free(wf); return (void *)1; }
+    widen(j->w, j->bf, j->D, wf);
+    for (int64_t m = j->lo; m < j->hi; m++) {
+        widen(j->x + m * j->xs * es, j->bf, j->D, xf);
+        float ms = dot(xf, xf, j->D) / (float)j->D;
+        float r = 1.0f / sqrtf(ms + j->eps);
+        void *o = j->out + m * j->D * es;
+        for (int64_t i = 0; i < j->D; i++) {
+            float y = xf[i] * r;
+            if (j->bf) y = round_bf(y); /* the normalised x is rounded to the activation dtype first */
+            store(o, j->bf, i, wf[i] * y);
+        }
+    }
+    free(xf);
+    free(wf);
+    return NULL;
+}
+
+/* x: M rows of D values, row m at x + m * xs values; w (D,); out (M, D) contiguous; all fp32 (bf = 0) or all
+ * bf16 (bf = 1). Returns 0, or -2 when memory could not be had. */
+int dsv3_rmsnorm(const void *x, int64_t xs, const void *w, void *out, int64_t M, int64_t D, float eps, int nthreads,
+                 int bf) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    if (M * D < (1 << 16)) nthreads = 1; /* a few rows: the fan-out would cost more than it saves */
+    if (nthreads > M) nthreads = (int)(M > 0 ? M : 1);
+    norm_t jobs[MAXT];
+    for (int t = 0; t < nthreads; t++) {
+        norm_t jb = {(const char *)x, (const char *)w, (char *)out, xs, D, 0, 0, eps, bf};
+        split(M, t, nthreads, &jb.lo, &jb.hi);
+        jobs[t] = jb;
+    }
+    int failed = 0;
+    if (nthreads == 1) failed = norm_run(jobs) != NULL;
+    else {
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(| : failed)
+        for (int t = 0; t < nthreads; t++) failed |= norm_run(&jobs[t]) != NULL;
+    }
+    return failed ? -2 : 0;
+}
+
+/* ------------------------------------------------------------------ rotary embedding */
+
+/* x (R values, widened) -> out, rotated by the R/2 angles of (cos, sin): interleaved pairs (x0, x1),
+ * (x2, x3), ... or halves (x_i, x_{i + R/2}); fp32, each product rounded as PyTorch's separate ops do */
+static inline void rotate(const float *x, const float *cs, const float *sn, int64_t R, int interleave, float *out) {
+    int64_t h = R / 2;
+    for (int64_t i = 0; i < h; i++) {
+        float x1 = interleave ? x[2 * i] : x[i], x2 = interleave ? x[2 * i + 1] : x[i + h];
+        float a = x1 * cs[i], b = x2 * sn[i], c = x2 * cs[i], d = x1 * sn[i];
+        out[interleave ? 2 * i : i] = a - b;
+        out[interleave ? 2 * i + 1 : i + h] = c + d;
+    }
+}
+
+/* x: N rows of H heads of R values, head (n, h) at x + n * xs + h * hs values; cos, sin (N, R/2) fp32;
+ * out (N, H, R) contiguous, x's dtype */
+int dsv3_rotary(const void *x, int64_t xs, int64_t hs, const float *cs, const float *sn, void *out, int64_t N,
+                int64_t H, int64_t R, int interleave, int bf) {
+    const int64_t es = bf ? 2 : 4;
+    float xf[1024], of[1024];
+    if (R > 1024 || R % 2) return -3;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            widen((const char *)x + (n * xs + h * hs) * es, bf, R, xf);
+            rotate(xf, cs + n * (R / 2), sn + n * (R / 2), R, interleave, of);
+            for (int64_t i = 0; i < R; i++) store(out, bf, (n * H + h) * R + i, of[i]);
+        }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ absorbed MLA attention */
+
+typedef struct {
+    const char *q, *kv, *pe;
+    const float *cs, *sn, *wk, *wvt;
+    const int64_t *slots;
+    const uint8_t *mask;
+    char *out;
+    int64_t B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, hb;
+    float scale;
+    int interleave, bf;
+} attn_t;
+
+#define HB 8 /* heads of one query attended together: each cache row is read once for them */
+
+/* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB; buf: this thread's scratch */
+static void attend_one(const attn_t *a, int64_t job, float *buf) {
+    const int64_t nhb = (a->H + HB - 1) / HB, qi = job / nhb, h0 = (job % nhb) * HB;
+    const int64_t hb = a->H - h0 < HB ? a->H - h0 : HB, b = qi / a->S, s = qi % a->S;
+    const int64_t C = a->C, R = a->R, L = a->L, es = a->bf ? 2 : 4, qd = a->nope + R;
+    float *qlat = buf, *qpe = qlat + HB * C, *sc = qpe + HB * R, *olat = sc + HB * L, *row = olat + HB * C;
+    float *kvf = row, *pef = row + C, tmp[1024];
+    /* the queries: rope part rotated (and rounded as the PyTorch path stores it), nope part into latent space */
+    for (int64_t h = 0; h < hb; h++) {
+        const char *qh = a->q + ((qi * a->H + h0 + h) * qd) * es;
+        widen(qh + a->nope * es, a->bf, R, tmp);
+        rotate(tmp, a->cs + qi * (R / 2), a->sn + qi * (R / 2), R, a->interleave, qpe + h * R);
+        if (a->bf)
+            for (int64_t i = 0; i < R; i++) qpe[h * R + i] = round_bf(qpe[h * R + i]);
+        widen(qh, a->bf, a->nope, tmp);
+        float *ql = qlat + h * C;
+        const float *wk = a->wk + (h0 + h) * a->nope * C; /* (nope, C) */
+        memset(ql, 0, (size_t)C * sizeof(float));
+        for (int64_t n = 0; n < a->nope; n++) axpy(tmp[n], wk + n * C, ql, C);
+    }
+    /* scores over the visible slots */
+    const uint8_t *mrow = a->mask ? a->mask + qi * L : NULL;
+    const int64_t last = L - a->S + s; /* causal without a mask: slots 0..L-S+s */
+    for (int64_t l = 0; l < L; l++) {
+        int vis = mrow ? mrow[l] != 0 : l <= last;
+        if (!vis) {
+            for (int64_t h = 0; h < hb; h++) sc[h * L + l] = -INFINITY;
+            continue;
+        }
+        int64_t slot_kv, slot_pe;
+        if (a->slots) slot_kv = slot_pe = a->slots[b * L + l];
+        else slot_kv = slot_pe = l;
+        const char *kr = a->kv + ((a->slots ? 0 : b * a->kv_sb) + slot_kv * a->kv_st) * es;
+        const char *pr = a->pe + ((a->slots ? 0 : b * a->pe_sb) + slot_pe * a->pe_st) * es;
+        const float *k = (const float *)kr, *p = (const float *)pr;
+        if (a->bf) {
+            widen(kr, 1, C, kvf);
+            widen(pr, 1, R, pef);
+            k = kvf;
+            p = pef;
+        }
+        for (int64_t h = 0; h < hb; h++)
+            sc[h * L + l] = (dot(qlat + h * C, k, C) + dot(qpe + h * R, p, R)) * a->scale;
+    }
+    /* softmax per head (fp32), then the probability-weighted latent */
+    for (int64_t h = 0; h < hb; h++) {
+        float *sh = sc + h * L, mx = -INFINITY;
+        for (int64_t l = 0; l < L; l++) mx = sh[l] > mx ? sh[l] : mx;
+        __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+        int64_t l = 0;
+        for (; l + 16 <= L; l += 16) {
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sh + l), mv));
+            _mm512_storeu_ps(sh + l, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (l < L) {
+            __mmask16 m = tail(L - l);
+            __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + l), mv)));
+            _mm512_mask_storeu_ps(sh + l, m, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float tot = _mm512_reduce_add_ps(sum), inv = tot > 0 ? 1.0f / tot : 0.0f;
+        for (l = 0; l < L; l++) sh[l] *= inv;
+        memset(olat + h * C, 0, (size_t)C * sizeof(float));
+    }
+    for (int64_t l = 0; l < L; l++) {
+        if (mrow ? !mrow[l] : l > last) continue;
+        int64_t slot = a->slots ? a->slots[b * L + l] : l;
+        const char *kr = a->kv + ((a->slots ? 0 : b * a->kv_sb) + slot * a->kv_st) * es;
+        const float *k = (const float *)kr;
+        if (a->bf) {
+            widen(kr, 1, C, kvf);
+            k = kvf;
+        }
+        for (int64_t h = 0; h < hb; h++) axpy(sc[h * L + l], k, olat + h * C, C);
+    }
+    /* back out of the latent space: o_h = W_v,h o_lat_h, with W_v,h^T stored (C, V) */
+    for (int64_t h = 0; h < hb; h++) {
+        float *o = tmp;
+        memset(o, 0, (size_t)a->V * sizeof(float));
+        const float *wv = a->wvt + (h0 + h) * C * a->V;
+        for (int64_t c = 0; c < C; c++) axpy(olat[h * C + c], wv + c * a->V, o, a->V);
+        for (int64_t i = 0; i < a->V; i++) store(a->out, a->bf, (qi * a->H + h0 + h) * a->V + i, o[i]);
+    }
+}
+
+/* q (B, S, H, nope + R) contiguous, the rope part not yet rotated; cos, sin (B, S, R/2) fp32;
+ * the cache: slot l of row b holds kv (C values) at kv + b * kv_sb + l * kv_st and pe (R values) at
+ * pe + b * pe_sb + l * pe_st, or, with slots (B, L), at kv + slots[b, l] * kv_st and pe + slots[b, l] * pe_st;
+ * mask (B, S, L) bytes (nonzero: visible), or NULL for causal (query s sees slots 0..L-S+s);
+ * wk (H, nope, C), wvt (H, C, V) fp32; out (B, S, H, V). q, the cache and out fp32 (bf = 0) or bf16 (bf = 1).
+ * Returns 0, -2 when memory could not be had, -3 for unsupported sizes. */
+int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void *kv, const void *pe, int64_t kv_sb,
+                    int64_t kv_st, int64_t pe_sb, int64_t pe_st, const int64_t *slots, const uint8_t *mask,
+                    const float *wk, const float *wvt, void *out, int64_t B, int64_t S, int64_t H, int64_t nope,
+                    int64_t R, int64_t C, int64_t V, int64_t L, float scale, int interleave, int nthreads, int bf) {
+    if (R > 1024 || nope > 1024 || V > 1024 || R % 2) return -3;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    const int64_t njobs = B * S * ((H + HB - 1) / HB);
+    if (njobs == 0) return 0;
+    if (nthreads > njobs) nthreads = (int)njobs;
+    attn_t a = {(const char *)q, (const char *)kv, (const char *)pe, cs, sn, wk, wvt, slots, mask, (char *)out,
+                B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, HB, scale, interleave, bf};
+    const size_t per = (size_t)(HB * C + HB * R + HB * L + HB * C + C + R + 16) * sizeof(float);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
+    {
+        float *buf = malloc(per);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < njobs; j++) {
+            if (buf) attend_one(&a, j, buf);
+            else failed = 1;
+        }
+        free(buf);
+    }
+    return failed ? -2 : 0;
+}
+
+/* ------------------------------------------------------------------ the attention half of a decode block */
+
+/* out = x + wo(attend(q(n), latent(n))), n = rmsnorm(x), for M = B * S rows of D values (x, out (M, D)
+ * contiguous; out may be x): MLA.forward over a latent cache, with the residual add, in one call. Each piece
+ * is the kernel above with the PyTorch path's roundings between them (every intermediate tensor the PyTorch
+ * path materialises is rounded to the activation dtype here too), so the values are those of the per-piece
+ * kernels.
+ *   q: wq (H * (nope + R), D), or wq_a (QR, D), q_norm (QR,), wq_b (H * (nope + R), QR) when wq is NULL;
+ *   wkv_a (C + R, D), kv_norm (C,), wo (D, H * V); wk, wvt, cos, sin, mask: as dsv3_mla_attend;
+ *   the cache: the new latents of row m go to kv + wslots[m] * kv_st and pe + wslots[m] * pe_st, and the
+ *   query rows of sequence b read slots rslots[b, 0..L).
+ * Returns 0, -2 when memory could not be had, -3 for unsupported sizes. */
+int dsv3_mla_block(const void *x, void *out, int64_t B, int64_t S, int64_t D, const void *attn_norm, float eps,
+                   const void *wq, const void *wq_a, const void *q_norm, float q_eps, const void *wq_b, int64_t QR,
+                   const void *wkv_a, const void *kv_norm, float kv_eps, const void *wo, const float *wk,
+                   const float *wvt, const float *cs, const float *sn, void *kv, void *pe, int64_t kv_st,
+                   int64_t pe_st, const int64_t *wslots, const int64_t *rslots, int64_t L, const uint8_t *mask,
+                   int64_t H, int64_t nope, int64_t R, int64_t C, int64_t V, float scale, int interleave,
+                   int nthreads, int bf) {
+    const int64_t M = B * S, es = bf ? 2 : 4, qd = H * (nope + R);
+    if (R > 1024 || R % 2) return -3;
+    if (M == 0) return 0;
+    const int64_t n_xn = M * D, n_qa = wq ? 0 : M * QR, n_q = M * qd, n_kvpe = M * (C + R), n_kvn = M * C,
+                  n_pe = M * R, n_o = M * H * V, n_ao = M * D;
+    char *buf = malloc((size_t)(n_xn + 2 * n_qa + n_q + n_kvpe + n_kvn + n_pe + n_o + n_ao) * es);
+    if (!buf) return -2;
+    char *xn = buf, *qa = xn + n_xn * es, *qn = qa + n_qa * es, *q = qn + n_qa * es, *kvpe = q + n_q * es;
+    char *kvn = kvpe + n_kvpe * es, *per = kvn + n_kvn * es, *o = per + n_pe * es, *ao = o + n_o * es;
+    int rc;
+    if ((rc = dsv3_rmsnorm(x, D, attn_norm, xn, M, D, eps, nthreads, bf))) goto done;
+    if (wq) {
+        if ((rc = dsv3_linear(xn, wq, q, M, D, qd, nthreads, bf))) goto done;
+    } else {
+        if ((rc = dsv3_linear(xn, wq_a, qa, M, D, QR, nthreads, bf))) goto done;
+        if ((rc = dsv3_rmsnorm(qa, QR, q_norm, qn, M, QR, q_eps, nthreads, bf))) goto done;
+        if ((rc = dsv3_linear(qn, wq_b, q, M, QR, qd, nthreads, bf))) goto done;
+    }
+    if ((rc = dsv3_linear(xn, wkv_a, kvpe, M, D, C + R, nthreads, bf))) goto done;
+    if ((rc = dsv3_rmsnorm(kvpe, C + R, kv_norm, kvn, M, C, kv_eps, nthreads, bf))) goto done;
+    if ((rc = dsv3_rotary(kvpe + C * es, C + R, 0, cs, sn, per, M, 1, R, interleave, bf))) goto done;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy((char *)kv + wslots[m] * kv_st * es, kvn + m * C * es, (size_t)(C * es));
+        memcpy((char *)pe + wslots[m] * pe_st * es, per + m * R * es, (size_t)(R * es));
+    }
+    if ((rc = dsv3_mla_attend(q, cs, sn, kv, pe, 0, kv_st, 0, pe_st, rslots, mask, wk, wvt, o, B, S, H, nope, R, C,
+                              V, L, scale, interleave, nthreads, bf)))
+        goto done;
+    if ((rc = dsv3_linear(o, wo, ao, M, H * V, D, nthreads, bf))) goto done;
+    for (int64_t i = 0; i < M * D; i++) {
+        if (bf) ((uint16_t *)out)[i] = f2bf(bf2f(((const uint16_t *)x)[i]) + bf2f(((const uint16_t *)ao)[i]));
+        else ((float *)out)[i] = ((const float *)x)[i] + ((const float *)ao)[i];
+    }
+done:
+    free(buf);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ the feed-forward half of a decode block */
+
+/* The router of one token (dsv3.model.moe.Gate.route): affinities s (E) -> the K chosen experts idx and their
+ * weights gw. choice = s + bias; with groups (method 1: group_limited_greedy, groups ranked by their best
+ * choice; 2: noaux_tc, by the sum of their two best), only the experts of the TG best groups compete; the K
+ * best choices win, in descending order (the lower id first among equal ones); weights are their unbiased
+ * s, divided by their sum when norm, times scale. */
+static void route_one(const float *s, const float *bias, int64_t E, int64_t K, int64_t G, int64_t TG, int method,
+                      int norm, float scale, float *choice, int64_t *idx, float *gw) {
+    for (int64_t e = 0; e < E; e++) choice[e] = bias ? s[e] + bias[e] : s[e];
+    if (method != 0 && G > 1) {
+        const int64_t per = E / G;
+        float gs[1024];
+        uint8_t keep[1024];
+        for (int64_t g = 0; g < G; g++) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int64_t i = 0; i < per; i++) {
+                float v = choice[g * per + i];
+                if (v > b1) { b2 = b1; b1 = v; }
+                else if (v > b2) b2 = v;
+            }
+            gs[g] = method == 2 ? b1 + b2 : b1;
+            keep[g] = 0;
+        }
+        for (int64_t t = 0; t < TG; t++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int64_t g = 0; g < G; g++)
+            if (!keep[g])
+                for (int64_t i = 0; i < per; i++) choice[g * per + i] = -INFINITY;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
+            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+        }
+        idx[k] = best;
+        gw[k] = s[best];
+    }
+    if (norm) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) sum += gw[k];
+        for (int64_t k = 0; k < K; k++) gw[k] /= sum;
+    }
+    for (int64_t k = 0; k < K; k++) gw[k] *= scale;
+}
+
+/* y = w2 (silu(w1 n) * (w3 n)) for M rows n (M, D): a SwiGLU MLP of inner size I (w1, w3 (I, D), w2 (D, I)),
+ * with the PyTorch path's roundings (each product, the silu and their product in the activation dtype);
+ * buf holds 3 * M * I values */
+static int swiglu(const void *n, const void *w1, const void *w3, const void *w2, void *y, int64_t M, int64_t D,
+                  int64_t I, char *buf, int nthreads, int bf) {
+    const int64_t es = bf ? 2 : 4;
+    char *a = buf, *b = a + M * I * es, *h = b + M * I * es;
+    int rc;
+    if ((rc = dsv3_linear(n, w1, a, M, D, I, nthreads, bf)) || (rc = dsv3_linear(n, w3, b, M, D, I, nthreads, bf)))
+        return rc;
+    for (int64_t i = 0; i < M * I; i++) {
+        if (bf) {
+            float av = bf2f(((uint16_t *)a)[i]), bv = bf2f(((uint16_t *)b)[i]);
+            ((uint16_t *)h)[i] = f2bf(round_bf(av / (1.0f + expf(-av))) * bv);
+        } else {
+            float av = ((float *)a)[i];
+            ((float *)h)[i] = av / (1.0f + expf(-av)) * ((float *)b)[i];
+        }
+    }
+    return dsv3_linear(h, w2, y, M, I, D, nthreads, bf);
+}
+
+static inline float get(const void *p, int bf, int64_t i) {
+    return bf ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* out = x + ffn(rmsnorm(x)) for M rows of D values (x, out (M, D) contiguous; out may be x): Block.forward's
+ * second half in one call. ffn is a MoE when gate is given: the router (gate (E, D) in the activation dtype,
+ * bias (E,) fp32 or NULL, score 0 sigmoid / 1 softmax, method 0 greedy / 1 group_limited_greedy / 2 noaux_tc,
+ * G groups of which TG are kept, K experts per token, norm, scale; affinities in fp32 as Gate.scores computes
+ * them), the routed experts w1, w3 (E, I, D), w2 (E, D, I) (dsv3_moe), and the shared experts s1, s3 (SI, D),
+ * s2 (D, SI) if s1 is not NULL; without a gate, the dense SwiGLU MLP s1, s3, s2.
+ * Returns 0, -1 for an expert id out of range, -2 when memory could not be had, -3 for unsupported sizes. */
+int dsv3_ffn_block(const void *x, void *out, int64_t M, int64_t D, const void *norm_w, float eps, const void *gate,
+                   const float *bias, int64_t E, int64_t K, int64_t G, int64_t TG, int score, int method, int norm,
+                   float scale, const void *w1, const void *w3, const void *w2, int64_t I, const void *s1,
+                   const void *s3, const void *s2, int64_t SI, int nthreads, int bf) {
+    const int64_t es = bf ? 2 : 4;
+    if (gate && (E > 1024 || G > 1024 || G < 1 || E % G || K > E || TG > G)) return -3;
+    if (M == 0) return 0;
+    const int64_t inner = SI > I ? SI : I;
+    /* scratch parts, each 64-byte aligned */
+    const size_t sizes[8] = {(size_t)(M * D * es), (size_t)(M * D * es), (size_t)(M * D * es), (size_t)(3 * M * inner * es),
+                             (size_t)(M * E) * 4, (size_t)(M * E) * 4, (size_t)(M * K) * 4, (size_t)(M * K) * 8 + (size_t)D * 4};
+    size_t offs[8], total = 0;
+    for (int i = 0; i < 8; i++) {
+        offs[i] = total;
+        total += (sizes[i] + 63) / 64 * 64;
+    }
+    char *buf = aligned_alloc(64, total);
+    if (!buf) return -2;
+    char *xn = buf + offs[0], *yr = buf + offs[1], *ys = buf + offs[2], *mlp = buf + offs[3];
+    float *sc = (float *)(buf + offs[4]), *choice = (float *)(buf + offs[5]), *gw = (float *)(buf + offs[6]);
+    int64_t *idx = (int64_t *)(buf + offs[7]);
+    float *row = (float *)(idx + M * K); /* a widened normalised row, for the router */
+    int rc;
+    if ((rc = dsv3_rmsnorm(x, D, norm_w, xn, M, D, eps, nthreads, bf))) goto done;
+    if (gate) {
+        for (int64_t m = 0; m < M; m++) {
+            float *s = sc + m * E;
+            widen(xn + m * D * es, bf, D, row);
+            for (int64_t e = 0; e < E; e++) s[e] = dot_w(row, (const char *)gate + e * D * es, D, bf);
+            if (score == 0) {
+                for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+            } else {
+                float mx = -INFINITY, tot = 0.0f;
+                for (int64_t e = 0; e < E; e++) mx = s[e] > mx ? s[e] : mx;
+                for (int64_t e = 0; e < E; e++) tot += (s[e] = expf(s[e] - mx));
+                for (int64_t e = 0; e < E; e++) s[e] /= tot;
+            }
+            route_one(s, bias, E, K, G, TG, method, norm, scale, choice + m * E, idx + m * K, gw + m * K);
+        }
+        if ((rc = dsv3_moe(xn, w1, w3, w2, idx, gw, yr, M, D, I, K, E, nthreads, bf))) goto done;
+        if (s1) {
+            if ((rc = swiglu(xn, s1, s3, s2, ys, M, D, SI, mlp, nthreads, bf))) goto done;
+            for (int64_t i = 0; i < M * D; i++) { /* the MoE's output: routed + shared, in the activation dtype */
+                float v = get(yr, bf, i) + get(ys, bf, i);
+                if (bf) ((uint16_t *)yr)[i] = f2bf(v);
+                else ((float *)yr)[i] = v;
+            }
+        }
+    } else if ((rc = swiglu(xn, s1, s3, s2, yr, M, D, SI, mlp, nthreads, bf))) goto done;
+    for (int64_t i = 0; i < M * D; i++) {
+        float v = get(x, bf, i) + get(yr, bf, i);
+        if (bf) ((uint16_t *)out)[i] = f2bf(v);
+        else ((float *)out)[i] = v;
+    }
+done:
+    free(buf);
+    return rc;
+}

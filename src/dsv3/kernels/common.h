@@ -1,0 +1,68 @@
+/* Helpers shared by the kernels of this folder (dsv3.kernels.cpu compiles every .c file here into one
+ * library): bf16 <-> fp32, widening loads, and the OpenMP fan-out. */
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAXT 64
+
+static inline int64_t kblocks(int64_t k) { return (k + 15) / 16; }
+
+static inline float bf2f(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+static inline __attribute__((always_inline)) __m512 loadw(const void *w, int64_t k, const int bf) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k))), 16));
+    return _mm512_loadu_ps((const float *)w + k);
+}
+
+static inline __attribute__((always_inline)) __m512 loadw_mask(const void *w, int64_t k, __mmask16 mask, const int bf) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + k)), 16));
+    return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
+}
+
+static inline void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+/* run fn(&jobs[t]) for t < nthreads, in parallel: an OpenMP region (in the process that loaded PyTorch,
+ * the OpenMP runtime and thread pool PyTorch's own kernels use: its symbols are already loaded) */
+static inline int run_threads(void *(*fn)(void *), void *jobs, size_t size, int nthreads) {
+    if (nthreads == 1) {
+        fn(jobs);
+        return 0;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) fn((char *)jobs + t * size);
+    return 0;
+}
+
+
+/* entry points other kernels call */
+int dsv3_linear(const void *x, const void *w, void *out, int64_t M, int64_t K, int64_t N, int nthreads, int bf);
+int dsv3_rmsnorm(const void *x, int64_t xs, const void *w, void *out, int64_t M, int64_t D, float eps, int nthreads,
+                 int bf);
+int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, const int64_t *idx, const float *gw,
+             void *out, int64_t T, int64_t D, int64_t I, int64_t K, int64_t E, int nthreads, int bf);
