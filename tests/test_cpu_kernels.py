@@ -18,6 +18,17 @@ needs_kernels = pytest.mark.skipif(cpu.library() is None,
 U = 2.0 ** -24  # fp32 unit roundoff
 
 
+@pytest.fixture(params=[True, False], ids=["bf16-dot", "widened"])
+def bf16_dot(request):
+    """bf16 products both ways the kernels compute them: AVX512-BF16 dot products (where the CPU has them)
+    and exactly widened fp32 FMAs."""
+    if request.param and cpu.library() is not None and not cpu.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    before = cpu.bf16_dot(request.param)
+    yield request.param
+    cpu.bf16_dot(before)
+
+
 def dot_bound(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     """|fl(a b^T) - a b^T| <= n u |a| |b|^T (plus a margin): the classic bound of an fp32 dot product of
     length n, whatever the order of its sums."""
@@ -38,7 +49,7 @@ def test_linear_within_the_fp32_bound_of_float64(M, K, N):
 
 @needs_kernels
 @pytest.mark.parametrize("M,K,N", [(1, 512, 256), (3, 7, 3), (9, 33, 5), (16, 1408, 512)])
-def test_bf16_linear_is_the_rounded_fp32_product(M, K, N):
+def test_bf16_linear_is_the_rounded_fp32_product(M, K, N, bf16_dot):
     """bf16 in, bf16 out: the exact product of the bf16 values within fp32 rounding, rounded once to
     bf16 (half a bf16 spacing, 2^-8 of the value); and so within one spacing of PyTorch's bf16 GEMM."""
     g = torch.Generator().manual_seed(M * 1000 + K + N)
@@ -88,7 +99,7 @@ def test_moe_matches_float64(T, K, E, D, I):
 
 @needs_kernels
 @pytest.mark.parametrize("T", [1, 2, 16])
-def test_bf16_moe_matches_the_pytorch_bf16_paths(T):
+def test_bf16_moe_matches_the_pytorch_bf16_paths(T, bf16_dot):
     """bf16 experts: within bf16 rounding of the float64 definition (on the bf16 values), and of
     PyTorch's bf16 per-pair and loop paths (which round the same intermediate values)."""
     E, D, I, K = 8, 64, 48, 3
@@ -112,12 +123,15 @@ def test_bf16_moe_matches_the_pytorch_bf16_paths(T):
 
 
 @needs_kernels
-def test_results_do_not_depend_on_the_batch_or_the_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_batch_or_the_threads(dtype, bf16_dot):
     """Bitwise: a row computed alone, among others, or with two threads gives the same values."""
+    if dtype == torch.float32 and not bf16_dot:
+        pytest.skip("the bf16 setting does not apply to fp32")
     g = torch.Generator().manual_seed(7)
-    x, w = torch.randn(12, 200, generator=g), torch.randn(70, 200, generator=g)
+    x, w = torch.randn(12, 200, generator=g).to(dtype), torch.randn(70, 200, generator=g).to(dtype)
     E, D, I = 8, 200, 40
-    w1, w3, w2 = torch.randn(E, I, D, generator=g), torch.randn(E, I, D, generator=g), torch.randn(E, D, I, generator=g)
+    w1, w3, w2 = (torch.randn(*s, generator=g).to(dtype) for s in ((E, I, D), (E, I, D), (E, D, I)))
     idx = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(12)])
     gw = torch.rand(12, 3, generator=g)
     threads = torch.get_num_threads()

@@ -22,10 +22,13 @@
 #include "common.h"
 
 static inline void widen(const void *src, int bf, int64_t n, float *dst) {
-    if (bf)
-        for (int64_t i = 0; i < n; i++) dst[i] = bf2f(((const uint16_t *)src)[i]);
-    else
+    if (!bf) {
         memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, loadw(src, i, 1));
+    if (i < n) _mm512_mask_storeu_ps(dst + i, (__mmask16)((1u << (n - i)) - 1), loadw_mask(src, i, (__mmask16)((1u << (n - i)) - 1), 1));
 }
 
 static inline void store(void *dst, int bf, int64_t i, float v) {
@@ -59,15 +62,30 @@ static inline float dot_w(const float *a, const void *w, int64_t n, int bf) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* y[0..n) += a * x[0..n) */
-static inline void axpy(float a, const float *x, float *y, int64_t n) {
-    __m512 av = _mm512_set1_ps(a);
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-        _mm512_storeu_ps(y + k, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + k), _mm512_loadu_ps(y + k)));
-    if (k < n) {
-        __mmask16 m = tail(n - k);
-        _mm512_mask_storeu_ps(y + k, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k)));
+/* y[0..m) = sum_i x[i] W[i][0..m) for W (n, m) row-major: 4 column blocks of 16 at a time, their sums kept in
+ * registers over i (a fixed order for each value) */
+static inline void vecmat(const float *x, const float *W, int64_t n, int64_t m, float *y) {
+    int64_t j = 0;
+    for (; j + 64 <= m; j += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < n; i++) {
+            const float *w = W + i * m + j;
+            __m512 xv = _mm512_set1_ps(x[i]);
+            a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
+            a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
+            a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
+            a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 48), a3);
+        }
+        _mm512_storeu_ps(y + j, a0);
+        _mm512_storeu_ps(y + j + 16, a1);
+        _mm512_storeu_ps(y + j + 32, a2);
+        _mm512_storeu_ps(y + j + 48, a3);
+    }
+    for (; j < m; j += 16) {
+        __mmask16 k = m - j < 16 ? tail(m - j) : (__mmask16)0xffff;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i++) a = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_maskz_loadu_ps(k, W + i * m + j), a);
+        _mm512_mask_storeu_ps(y + j, k, a);
     }
 }
 
@@ -187,90 +205,137 @@ typedef struct {
     int interleave, bf;
 } attn_t;
 
-#define HB 8 /* heads of one query attended together: each cache row is read once for them */
+#define HB 8  /* heads of one query attended together: each cache row is read once for them */
+#define TB 16 /* cache rows scored together: 16 dot products reduced into one vector */
 
-/* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB; buf: this thread's scratch */
+/* s[j] = sum of the 16 lanes of v[j], j < 16, as one vector: a fixed tree of lane-pair additions */
+static inline __m512 reduce16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: the lane's sums of 4 consecutive v */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* pairs of 128-bit lanes added */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+/* the cache row of (b, l): its kv (C values) and pe (R values) */
+static inline void cache_row(const attn_t *a, int64_t b, int64_t l, const char **kr, const char **pr) {
+    const int64_t es = a->bf ? 2 : 4;
+    if (a->slots) {
+        int64_t slot = a->slots[b * a->L + l];
+        *kr = a->kv + slot * a->kv_st * es;
+        *pr = a->pe + slot * a->pe_st * es;
+    } else {
+        *kr = a->kv + (b * a->kv_sb + l * a->kv_st) * es;
+        *pr = a->pe + (b * a->pe_sb + l * a->pe_st) * es;
+    }
+}
+
+/* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB; buf: this thread's scratch.
+ * Rows are handled in blocks of TB, widened to fp32 side by side (kv then pe, zero-padded to P values); rows
+ * the query does not see are zeros and their scores -inf, so they add exact zeros and a sequence's result
+ * does not depend on the longer sequences it is batched with. */
 static void attend_one(const attn_t *a, int64_t job, float *buf) {
     const int64_t nhb = (a->H + HB - 1) / HB, qi = job / nhb, h0 = (job % nhb) * HB;
     const int64_t hb = a->H - h0 < HB ? a->H - h0 : HB, b = qi / a->S, s = qi % a->S;
-    const int64_t C = a->C, R = a->R, L = a->L, es = a->bf ? 2 : 4, qd = a->nope + R;
-    float *qlat = buf, *qpe = qlat + HB * C, *sc = qpe + HB * R, *olat = sc + HB * L, *row = olat + HB * C;
-    float *kvf = row, *pef = row + C, tmp[1024];
-    /* the queries: rope part rotated (and rounded as the PyTorch path stores it), nope part into latent space */
-    for (int64_t h = 0; h < hb; h++) {
-        const char *qh = a->q + ((qi * a->H + h0 + h) * qd) * es;
-        widen(qh + a->nope * es, a->bf, R, tmp);
-        rotate(tmp, a->cs + qi * (R / 2), a->sn + qi * (R / 2), R, a->interleave, qpe + h * R);
-        if (a->bf)
-            for (int64_t i = 0; i < R; i++) qpe[h * R + i] = round_bf(qpe[h * R + i]);
-        widen(qh, a->bf, a->nope, tmp);
-        float *ql = qlat + h * C;
-        const float *wk = a->wk + (h0 + h) * a->nope * C; /* (nope, C) */
-        memset(ql, 0, (size_t)C * sizeof(float));
-        for (int64_t n = 0; n < a->nope; n++) axpy(tmp[n], wk + n * C, ql, C);
-    }
-    /* scores over the visible slots */
+    const int64_t C = a->C, R = a->R, L = a->L, es = a->bf ? 2 : 4, qd = a->nope + R, P = kblocks(C + R) * 16;
+    float *qj = buf, *sc = qj + HB * P, *olat = sc + HB * kblocks(L) * 16, *blk = olat + HB * P, tmp[1024];
     const uint8_t *mrow = a->mask ? a->mask + qi * L : NULL;
     const int64_t last = L - a->S + s; /* causal without a mask: slots 0..L-S+s */
-    for (int64_t l = 0; l < L; l++) {
-        int vis = mrow ? mrow[l] != 0 : l <= last;
-        if (!vis) {
-            for (int64_t h = 0; h < hb; h++) sc[h * L + l] = -INFINITY;
-            continue;
-        }
-        int64_t slot_kv, slot_pe;
-        if (a->slots) slot_kv = slot_pe = a->slots[b * L + l];
-        else slot_kv = slot_pe = l;
-        const char *kr = a->kv + ((a->slots ? 0 : b * a->kv_sb) + slot_kv * a->kv_st) * es;
-        const char *pr = a->pe + ((a->slots ? 0 : b * a->pe_sb) + slot_pe * a->pe_st) * es;
-        const float *k = (const float *)kr, *p = (const float *)pr;
-        if (a->bf) {
-            widen(kr, 1, C, kvf);
-            widen(pr, 1, R, pef);
-            k = kvf;
-            p = pef;
-        }
-        for (int64_t h = 0; h < hb; h++)
-            sc[h * L + l] = (dot(qlat + h * C, k, C) + dot(qpe + h * R, p, R)) * a->scale;
-    }
-    /* softmax per head (fp32), then the probability-weighted latent */
+    /* the queries, joined: nope part moved into the latent space (C values), then the rotated rope part (R) */
+    memset(qj, 0, (size_t)(HB * P) * sizeof(float));
     for (int64_t h = 0; h < hb; h++) {
-        float *sh = sc + h * L, mx = -INFINITY;
-        for (int64_t l = 0; l < L; l++) mx = sh[l] > mx ? sh[l] : mx;
-        __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
-        int64_t l = 0;
-        for (; l + 16 <= L; l += 16) {
+        const char *qh = a->q + ((qi * a->H + h0 + h) * qd) * es;
+        float *q = qj + h * P;
+        widen(qh + a->nope * es, a->bf, R, tmp);
+        rotate(tmp, a->cs + qi * (R / 2), a->sn + qi * (R / 2), R, a->interleave, q + C);
+        if (a->bf) /* rounded as the PyTorch path stores the rotated query */
+            for (int64_t i = 0; i < R; i++) q[C + i] = round_bf(q[C + i]);
+        widen(qh, a->bf, a->nope, tmp);
+        vecmat(tmp, a->wk + (h0 + h) * a->nope * C, a->nope, C, q); /* W_k,h (nope, C) */
+    }
+    /* pass 1: scores, TB rows at a time */
+    const __m512 scale = _mm512_set1_ps(a->scale), ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t l0 = 0; l0 < L; l0 += TB) {
+        const int64_t nb = L - l0 < TB ? L - l0 : TB;
+        __mmask16 vis = 0;
+        for (int64_t j = 0; j < TB; j++) {
+            float *row = blk + j * P;
+            int64_t l = l0 + j;
+            if (j < nb && (mrow ? mrow[l] != 0 : l <= last)) {
+                const char *kr, *pr;
+                cache_row(a, b, l, &kr, &pr);
+                widen(kr, a->bf, C, row);
+                widen(pr, a->bf, R, row + C);
+                memset(row + C + R, 0, (size_t)(P - C - R) * sizeof(float));
+                vis |= (__mmask16)(1u << j);
+            } else {
+                memset(row, 0, (size_t)P * sizeof(float));
+            }
+        }
+        for (int64_t h = 0; h < hb; h++) {
+            __m512 acc[TB];
+            const float *q = qj + h * P;
+            for (int j = 0; j < TB; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < P; k += 16) {
+                __m512 qv = _mm512_loadu_ps(q + k);
+                for (int j = 0; j < TB; j++) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(blk + j * P + k), acc[j]);
+            }
+            __m512 sv = _mm512_mask_mov_ps(ninf, vis, _mm512_mul_ps(reduce16(acc), scale));
+            _mm512_storeu_ps(sc + h * kblocks(L) * 16 + l0, sv); /* the row of scores is padded to whole blocks */
+        }
+    }
+    /* softmax per head (fp32) */
+    const int64_t LP = kblocks(L) * 16;
+    for (int64_t h = 0; h < hb; h++) {
+        float *sh = sc + h * LP;
+        __m512 mv = ninf, sum = _mm512_setzero_ps();
+        for (int64_t l = 0; l < LP; l += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + l));
+        mv = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        for (int64_t l = 0; l < LP; l += 16) {
             __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sh + l), mv));
             _mm512_storeu_ps(sh + l, e);
             sum = _mm512_add_ps(sum, e);
         }
-        if (l < L) {
-            __mmask16 m = tail(L - l);
-            __m512 e = _mm512_maskz_mov_ps(m, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + l), mv)));
-            _mm512_mask_storeu_ps(sh + l, m, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        float tot = _mm512_reduce_add_ps(sum), inv = tot > 0 ? 1.0f / tot : 0.0f;
-        for (l = 0; l < L; l++) sh[l] *= inv;
-        memset(olat + h * C, 0, (size_t)C * sizeof(float));
+        float tot = _mm512_reduce_add_ps(sum);
+        __m512 inv = _mm512_set1_ps(tot > 0 ? 1.0f / tot : 0.0f);
+        for (int64_t l = 0; l < LP; l += 16) _mm512_storeu_ps(sh + l, _mm512_mul_ps(_mm512_loadu_ps(sh + l), inv));
     }
-    for (int64_t l = 0; l < L; l++) {
-        if (mrow ? !mrow[l] : l > last) continue;
-        int64_t slot = a->slots ? a->slots[b * L + l] : l;
-        const char *kr = a->kv + ((a->slots ? 0 : b * a->kv_sb) + slot * a->kv_st) * es;
-        const float *k = (const float *)kr;
-        if (a->bf) {
-            widen(kr, 1, C, kvf);
-            k = kvf;
+    /* pass 2: the probability-weighted latent, TB rows at a time */
+    memset(olat, 0, (size_t)(HB * P) * sizeof(float));
+    const int64_t CP = kblocks(C) * 16;
+    for (int64_t l0 = 0; l0 < L; l0 += TB) {
+        const int64_t nb = L - l0 < TB ? L - l0 : TB;
+        for (int64_t j = 0; j < TB; j++) {
+            float *row = blk + j * P;
+            int64_t l = l0 + j;
+            if (j < nb && (mrow ? mrow[l] != 0 : l <= last)) {
+                const char *kr, *pr;
+                cache_row(a, b, l, &kr, &pr);
+                widen(kr, a->bf, C, row);
+                memset(row + C, 0, (size_t)(CP - C) * sizeof(float));
+            } else {
+                memset(row, 0, (size_t)CP * sizeof(float));
+            }
         }
-        for (int64_t h = 0; h < hb; h++) axpy(sc[h * L + l], k, olat + h * C, C);
+        for (int64_t h = 0; h < hb; h++) {
+            const float *p = sc + h * LP + l0;
+            float *o = olat + h * P;
+            for (int64_t k = 0; k < CP; k += 16) {
+                __m512 acc = _mm512_loadu_ps(o + k);
+                for (int j = 0; j < TB; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(blk + j * P + k), acc);
+                _mm512_storeu_ps(o + k, acc);
+            }
+        }
     }
     /* back out of the latent space: o_h = W_v,h o_lat_h, with W_v,h^T stored (C, V) */
     for (int64_t h = 0; h < hb; h++) {
         float *o = tmp;
-        memset(o, 0, (size_t)a->V * sizeof(float));
-        const float *wv = a->wvt + (h0 + h) * C * a->V;
-        for (int64_t c = 0; c < C; c++) axpy(olat[h * C + c], wv + c * a->V, o, a->V);
+        vecmat(olat + h * P, a->wvt + (h0 + h) * C * a->V, C, a->V, o);
         for (int64_t i = 0; i < a->V; i++) store(a->out, a->bf, (qi * a->H + h0 + h) * a->V + i, o[i]);
     }
 }
@@ -293,7 +358,7 @@ int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void 
     if (nthreads > njobs) nthreads = (int)njobs;
     attn_t a = {(const char *)q, (const char *)kv, (const char *)pe, cs, sn, wk, wvt, slots, mask, (char *)out,
                 B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, HB, scale, interleave, bf};
-    const size_t per = (size_t)(HB * C + HB * R + HB * L + HB * C + C + R + 16) * sizeof(float);
+    const size_t per = (size_t)(HB * kblocks(C + R) * 16 * 2 + HB * kblocks(L) * 16 + TB * kblocks(C + R) * 16) * sizeof(float);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
     {

@@ -130,9 +130,21 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_ffn_block.argtypes = ([p, p, i64, i64, p, f32, p, p] + [i64] * 4 + [i32] * 3 + [f32] + [p] * 3
                                            + [i64] + [p] * 3 + [i64, i32, i32])
             lib.dsv3_ffn_block.restype = i32
+            lib.dsv3_bf16_dot.argtypes = [i32]
+            lib.dsv3_bf16_dot.restype = i32
             return lib
     log.info("dsv3 CPU kernels unavailable: %s; the PyTorch paths are used", _reason)
     return None
+
+
+def bf16_dot(on: bool | None = None) -> bool:
+    """Whether bf16 products run as AVX512-BF16 dot products (vdpbf16ps; the default where the CPU has them)
+    rather than widening every value to fp32 first; `on` sets it (for A/B comparisons and the tests).
+    Returns the setting before the call. Both sum exact products in fp32; the order of the sums differs."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.dsv3_bf16_dot(-1 if on is None else int(on)))
 
 
 def unavailable_reason() -> str | None:

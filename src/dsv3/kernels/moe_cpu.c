@@ -93,6 +93,93 @@ DOTS_M(1, 2)
 /* DOTS_BY[bf][R - 1][M]: R weight rows (1 or 2) of dtype bf (0 fp32, 1 bf16) with M packed rows */
 static const dots_fn DOTS_BY[2][2][MAXM + 1] = {{DOTS_ROW(0, 1), DOTS_ROW(0, 2)}, {DOTS_ROW(1, 1), DOTS_ROW(1, 2)}};
 
+/* bf16 on CPUs with AVX512-BF16: the products as vdpbf16ps dot products (each instruction multiplies 32 bf16
+ * pairs exactly and adds them, two per fp32 lane, into 16 fp32 sums), half the instructions of widening every
+ * value first. The rows are then packed as bf16, [k / 32][m][32], and every row count takes this path, so a
+ * row's result still does not depend on the batch. (DPBF16PS treats subnormal bf16 inputs as zero.) */
+static int g_dp = -1;
+
+static int dp_on(void) {
+    if (g_dp < 0) g_dp = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+    return g_dp;
+}
+
+/* whether bf16 products use the dot-product instruction; on >= 0 sets it (where the CPU has it), -1 only reads
+ * it. Returns the setting before the call. */
+int dsv3_bf16_dot(int on) {
+    int prev = dp_on();
+    if (on >= 0) g_dp = on && __builtin_cpu_supports("avx512bf16");
+    return prev;
+}
+
+static inline int64_t kblocks32(int64_t k) { return (k + 31) / 32; }
+
+/* rows[0..M) (K bf16 values each, or fp32 values that are bf16 numbers) -> dst [kblocks32(K)][M][32] bf16 */
+static void pack_dp(const void *const *rows, int bf, int M, int64_t K, uint16_t *dst) {
+    int64_t nb = kblocks32(K);
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t k = b * 32, n = K - k < 32 ? K - k : 32;
+        for (int m = 0; m < M; m++) {
+            uint16_t *d = dst + (b * M + m) * 32;
+            if (bf)
+                memcpy(d, (const uint16_t *)rows[m] + k, (size_t)n * 2);
+            else
+                for (int64_t i = 0; i < n; i++) d[i] = f2bf(((const float *)rows[m])[k + i]);
+            if (n < 32) memset(d + n, 0, (size_t)(32 - n) * 2);
+        }
+    }
+}
+
+__attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void dots_dp_rm(
+    const void *const *w, const int R, const uint16_t *xp, const int M, int64_t K, float res[][MAXM]) {
+    __m512 acc[2][MAXM];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    int64_t full = K / 32, b = 0;
+    for (; b < full; b++) {
+        __m512bh wv[2];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)w[r] + (b * 32 + PREFETCH) * 2, _MM_HINT_T0);
+            wv[r] = (__m512bh)_mm512_loadu_si512((const uint16_t *)w[r] + b * 32);
+        }
+        for (int m = 0; m < M; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + (b * M + m) * 32);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+        }
+    }
+    if (full * 32 < K) {
+        __mmask32 mask = (__mmask32)((1ull << (K - full * 32)) - 1);
+        __m512bh wv[2];
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, (const uint16_t *)w[r] + b * 32);
+        for (int m = 0; m < M; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + (b * M + m) * 32);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) res[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+#define DOTS_DP(R, M) __attribute__((target("avx512bf16"))) static void dots_dp_##R##_##M( \
+    const void *const *w, const float *xp, int64_t K, float res[][MAXM]) { dots_dp_rm(w, R, (const uint16_t *)xp, M, K, res); }
+#define DOTS_DP_M(R) DOTS_DP(R, 1) DOTS_DP(R, 2) DOTS_DP(R, 3) DOTS_DP(R, 4) DOTS_DP(R, 5) DOTS_DP(R, 6) DOTS_DP(R, 7) \
+    DOTS_DP(R, 8)
+DOTS_DP_M(1)
+DOTS_DP_M(2)
+#define DOTS_DP_ROW(R) {NULL, dots_dp_##R##_1, dots_dp_##R##_2, dots_dp_##R##_3, dots_dp_##R##_4, dots_dp_##R##_5, \
+    dots_dp_##R##_6, dots_dp_##R##_7, dots_dp_##R##_8}
+static const dots_fn DOTS_DP_BY[2][MAXM + 1] = {DOTS_DP_ROW(1), DOTS_DP_ROW(2)};
+
+/* the dot products of R weight rows of dtype bf with M rows packed for that dtype (dp: by pack_dp) */
+static inline dots_fn dots_for(int bf, int dp, int R, int M) { return dp ? DOTS_DP_BY[R - 1][M] : DOTS_BY[bf][R - 1][M]; }
+
+/* pack for the dot products dots_for(bf, dp, ...) takes (the packed block is the same size either way: 16
+ * fp32 or 32 bf16 per 64 bytes, and kblocks32(K) * 32 <= kblocks(K) * 16 * 2) */
+static inline void pack_for(const void *const *rows, int bf, int dp, int M, int64_t K, float *dst) {
+    if (dp) pack_dp(rows, bf, M, K, (uint16_t *)dst);
+    else pack(rows, bf, M, K, dst);
+}
+
 /* ------------------------------------------------------------------ routed experts */
 
 /* The (token, expert) pairs sorted by expert, each expert's run padded to a multiple of MAXM:
@@ -104,7 +191,7 @@ typedef struct {
     float *out, *h;           /* out: fp32 (T, D) sums */
     const int64_t *begin, *count, *spairs;
     int64_t D, I, K, E, lo, hi; /* this thread's rows of the phase: [lo, hi) of I (phase 1) or of D (2) */
-    int bf;
+    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack_dp) */
 } moe_t;
 
 /* h_q[i] = silu(w1_e[i] . x_t) * (w3_e[i] . x_t) for this thread's i (bf16: each of the two products,
@@ -119,7 +206,7 @@ static void *moe_phase1(void *arg) {
         for (int64_t c = q0; c < q1; c += MAXM) {
             int M = (int)(q1 - c < MAXM ? q1 - c : MAXM);
             const float *xp = j->xp + (c / MAXM) * chunk;
-            dots_fn dots = DOTS_BY[j->bf][1][M];
+            dots_fn dots = dots_for(j->bf, j->dp, 2, M);
             for (int64_t i = j->lo; i < j->hi; i++) {
                 const void *w[2] = {w1 + i * j->D * es, w3 + i * j->D * es};
                 dots(w, xp, j->D, res);
@@ -153,7 +240,7 @@ static void *moe_phase2(void *arg) {
             for (int64_t d = j->lo; d < j->hi; d += 2) {
                 int R = j->hi - d >= 2 ? 2 : 1;
                 const void *w[2] = {w2 + d * j->I * es, w2 + (d + R - 1) * j->I * es};
-                DOTS_BY[j->bf][R - 1][M](w, hp, j->I, res);
+                dots_for(j->bf, j->dp, R, M)(w, hp, j->I, res);
                 for (int m = 0; m < M; m++) {
                     int64_t p = j->spairs[c + m];
                     float *o = j->out + (p / j->K) * j->D + d;
@@ -168,13 +255,13 @@ static void *moe_phase2(void *arg) {
 /* pack every expert's run of padded indices q, chunk by chunk (chunk q / MAXM of dst): row q is at
  * base + (map ? map[q] / div : q) * stride bytes, len values of dtype bf */
 static void pack_runs(const int64_t *begin, const int64_t *count, int64_t E, const char *base, int64_t stride,
-                      const int64_t *map, int64_t div, int bf, int64_t len, float *dst) {
+                      const int64_t *map, int64_t div, int bf, int dp, int64_t len, float *dst) {
     const void *rows[MAXM];
     for (int64_t e = 0; e < E; e++)
         for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
             int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
             for (int m = 0; m < M; m++) rows[m] = base + (map ? map[c + m] / div : c + m) * stride;
-            pack(rows, bf, M, len, dst + (c / MAXM) * kblocks(len) * 16 * MAXM);
+            pack_for(rows, bf, dp, M, len, dst + (c / MAXM) * kblocks(len) * 16 * MAXM);
         }
 }
 
@@ -209,15 +296,16 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
     if (!spairs || !xp || !hp || !h || !acc) { rc = -2; goto done; }
     memcpy(fill, begin, (size_t)E * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) spairs[fill[idx[p]]++] = p; /* stable: token order within an expert */
-    pack_runs(begin, count, E, (const char *)x, D * es, spairs, K, bf, D, xp); /* token rows */
+    const int dp = bf && dp_on();
+    pack_runs(begin, count, E, (const char *)x, D * es, spairs, K, bf, dp, D, xp); /* token rows */
     moe_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, begin, count, spairs, D, I, K, E, 0, 0, bf};
+        moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, begin, count, spairs, D, I, K, E, 0, 0, bf, dp};
         split(I, t, nthreads, &jb.lo, &jb.hi);
         jobs[t] = jb;
     }
     if ((rc = run_threads(moe_phase1, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
-    pack_runs(begin, count, E, (const char *)h, I * (int64_t)sizeof(float), NULL, 1, 0, I, hp); /* h rows */
+    pack_runs(begin, count, E, (const char *)h, I * (int64_t)sizeof(float), NULL, 1, 0, dp, I, hp); /* h rows */
     for (int t = 0; t < nthreads; t++) split(D, t, nthreads, &jobs[t].lo, &jobs[t].hi);
     if ((rc = run_threads(moe_phase2, jobs, sizeof(moe_t), nthreads)) != 0) goto done;
     if (bf)
@@ -235,7 +323,7 @@ typedef struct {
     const char *w;
     void *out;
     int64_t M, K, N, lo, hi;
-    int bf;
+    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack_dp) */
 } lin_t;
 
 static void *lin_run(void *arg) {
@@ -247,7 +335,7 @@ static void *lin_run(void *arg) {
         const void *w[2] = {j->w + n * j->K * es, j->w + (n + R - 1) * j->K * es};
         for (int64_t m0 = 0; m0 < j->M; m0 += MAXM) {
             int M = (int)(j->M - m0 < MAXM ? j->M - m0 : MAXM);
-            DOTS_BY[j->bf][R - 1][M](w, j->xp + (m0 / MAXM) * chunk, j->K, res);
+            dots_for(j->bf, j->dp, R, M)(w, j->xp + (m0 / MAXM) * chunk, j->K, res);
             for (int m = 0; m < M; m++)
                 for (int r = 0; r < R; r++) {
                     int64_t o = (m0 + m) * j->N + n + r;
@@ -266,17 +354,18 @@ int dsv3_linear(const void *x, const void *w, void *out, int64_t M, int64_t K, i
     if (nthreads > MAXT) nthreads = MAXT;
     if (M == 0) return 0;
     const int64_t nch = (M + MAXM - 1) / MAXM, chunk = kblocks(K) * 16 * MAXM, es = bf ? 2 : 4;
+    const int dp = bf && dp_on();
     float *xp = aligned_alloc(64, (size_t)(nch * chunk) * sizeof(float));
     if (!xp) return -2;
     const void *rows[MAXM];
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int n = (int)(M - m0 < MAXM ? M - m0 : MAXM);
         for (int m = 0; m < n; m++) rows[m] = (const char *)x + (m0 + m) * K * es;
-        pack(rows, bf, n, K, xp + (m0 / MAXM) * chunk);
+        pack_for(rows, bf, dp, n, K, xp + (m0 / MAXM) * chunk);
     }
     lin_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        lin_t jb = {xp, (const char *)w, out, M, K, N, 0, 0, bf};
+        lin_t jb = {xp, (const char *)w, out, M, K, N, 0, 0, bf, dp};
         split(N, t, nthreads, &jb.lo, &jb.hi);
         jobs[t] = jb;
     }
