@@ -208,20 +208,6 @@ typedef struct {
 #define HB 8  /* heads of one query attended together: each cache row is read once for them */
 #define TB 16 /* cache rows scored together: 16 dot products reduced into one vector */
 
-/* s[j] = sum of the 16 lanes of v[j], j < 16, as one vector: a fixed tree of lane-pair additions */
-static inline __m512 reduce16(const __m512 v[16]) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++) /* per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3] */
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) { /* per 128-bit lane: the lane's sums of 4 consecutive v */
-        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++) /* pairs of 128-bit lanes added */
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
 /* the cache row of (b, l): its kv (C values) and pe (R values) */
 static inline void cache_row(const attn_t *a, int64_t b, int64_t l, const char **kr, const char **pr) {
     const int64_t es = a->bf ? 2 : 4;

@@ -28,6 +28,20 @@ static inline uint16_t f2bf(float f) { /* round to nearest even; NaN stays NaN *
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
+/* s[j] = sum of the 16 lanes of v[j], j < 16, as one vector: a fixed tree of lane-pair additions */
+static inline __m512 reduce16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: the lane's sums of 4 consecutive v */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* pairs of 128-bit lanes added */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
 static inline __attribute__((always_inline)) __m512 loadw(const void *w, int64_t k, const int bf) {
     if (bf)
         return _mm512_castsi512_ps(_mm512_slli_epi32(

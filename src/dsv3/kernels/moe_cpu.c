@@ -46,6 +46,17 @@ static void pack(const void *const *rows, int bf, int M, int64_t K, float *dst) 
     }
 }
 
+/* res[r][m] = the sum of acc[r][m]'s lanes, for R * M <= 16 accumulators: one reduce16 tree whatever R and M
+ * are (unused slots are zeros, and x + 0 = x), so a value's summation order does not depend on the batch */
+static inline __attribute__((always_inline)) void reduce_acc(__m512 acc[2][MAXM], const int R, const int M,
+                                                             float res[][MAXM]) {
+    __m512 v[16];
+    float s[16];
+    for (int i = 0; i < 16; i++) v[i] = i < R * M ? acc[i / M][i % M] : _mm512_setzero_ps();
+    _mm512_storeu_ps(s, reduce16(v));
+    for (int i = 0; i < R * M; i++) res[i / M][i % M] = s[i];
+}
+
 /* dot products of R weight rows w[r] (K values each, fp32 or bf16) with the M packed rows xp ->
  * res[r][m]; R, M and the weight dtype are compile-time constants in each specialisation below */
 static inline __attribute__((always_inline)) void dots_rm(const void *const *w, const int R, const float *xp,
@@ -75,8 +86,7 @@ static inline __attribute__((always_inline)) void dots_rm(const void *const *w, 
             for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) res[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    reduce_acc(acc, R, M, res);
 }
 
 typedef void (*dots_fn)(const void *const *, const float *, int64_t, float[][MAXM]);
@@ -156,8 +166,7 @@ __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline
             for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) res[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    reduce_acc(acc, R, M, res);
 }
 
 #define DOTS_DP(R, M) __attribute__((target("avx512bf16"))) static void dots_dp_##R##_##M( \
