@@ -221,6 +221,30 @@ static inline void cache_row(const attn_t *a, int64_t b, int64_t l, const char *
     }
 }
 
+/* rows l0 .. l0 + TB - 1 of sequence b, widened to fp32 into blk (row stride P): the kv values, then the pe
+ * values when width > C, zero-padded to a whole number of 16-value blocks of width; rows past L or not visible
+ * to the query (mask row mrow, or past slot `last` without one) are zeros. Returns the visible rows' mask. */
+static __mmask16 load_block(const attn_t *a, int64_t b, int64_t l0, const uint8_t *mrow, int64_t last, int64_t width,
+                            int64_t P, float *blk) {
+    const int64_t nb = a->L - l0 < TB ? a->L - l0 : TB, padded = kblocks(width) * 16;
+    __mmask16 vis = 0;
+    for (int64_t j = 0; j < TB; j++) {
+        float *row = blk + j * P;
+        int64_t l = l0 + j;
+        if (j < nb && (mrow ? mrow[l] != 0 : l <= last)) {
+            const char *kr, *pr;
+            cache_row(a, b, l, &kr, &pr);
+            widen(kr, a->bf, a->C, row);
+            if (width > a->C) widen(pr, a->bf, width - a->C, row + a->C);
+            memset(row + width, 0, (size_t)(padded - width) * sizeof(float));
+            vis |= (__mmask16)(1u << j);
+        } else {
+            memset(row, 0, (size_t)padded * sizeof(float));
+        }
+    }
+    return vis;
+}
+
 /* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB; buf: this thread's scratch.
  * Rows are handled in blocks of TB, widened to fp32 side by side (kv then pe, zero-padded to P values); rows
  * the query does not see are zeros and their scores -inf, so they add exact zeros and a sequence's result
@@ -247,22 +271,7 @@ static void attend_one(const attn_t *a, int64_t job, float *buf) {
     /* pass 1: scores, TB rows at a time */
     const __m512 scale = _mm512_set1_ps(a->scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int64_t l0 = 0; l0 < L; l0 += TB) {
-        const int64_t nb = L - l0 < TB ? L - l0 : TB;
-        __mmask16 vis = 0;
-        for (int64_t j = 0; j < TB; j++) {
-            float *row = blk + j * P;
-            int64_t l = l0 + j;
-            if (j < nb && (mrow ? mrow[l] != 0 : l <= last)) {
-                const char *kr, *pr;
-                cache_row(a, b, l, &kr, &pr);
-                widen(kr, a->bf, C, row);
-                widen(pr, a->bf, R, row + C);
-                memset(row + C + R, 0, (size_t)(P - C - R) * sizeof(float));
-                vis |= (__mmask16)(1u << j);
-            } else {
-                memset(row, 0, (size_t)P * sizeof(float));
-            }
-        }
+        const __mmask16 vis = load_block(a, b, l0, mrow, last, C + R, P, blk);
         for (int64_t h = 0; h < hb; h++) {
             __m512 acc[TB];
             const float *q = qj + h * P;
@@ -295,19 +304,7 @@ static void attend_one(const attn_t *a, int64_t job, float *buf) {
     memset(olat, 0, (size_t)(HB * P) * sizeof(float));
     const int64_t CP = kblocks(C) * 16;
     for (int64_t l0 = 0; l0 < L; l0 += TB) {
-        const int64_t nb = L - l0 < TB ? L - l0 : TB;
-        for (int64_t j = 0; j < TB; j++) {
-            float *row = blk + j * P;
-            int64_t l = l0 + j;
-            if (j < nb && (mrow ? mrow[l] != 0 : l <= last)) {
-                const char *kr, *pr;
-                cache_row(a, b, l, &kr, &pr);
-                widen(kr, a->bf, C, row);
-                memset(row + C, 0, (size_t)(CP - C) * sizeof(float));
-            } else {
-                memset(row, 0, (size_t)CP * sizeof(float));
-            }
-        }
+        load_block(a, b, l0, mrow, last, C, P, blk);
         for (int64_t h = 0; h < hb; h++) {
             const float *p = sc + h * LP + l0;
             float *o = olat + h * P;

@@ -30,18 +30,24 @@
 #define PREFETCH 1024 /* values ahead in a weight row stream (4 KB of fp32; 512-1536 measured alike on `small`) */
 #endif
 
-/* rows[0..M) (each K values, fp32 or bf16) -> dst [kblocks(K)][M][16] fp32, zero-padded */
-static void pack(const void *const *rows, int bf, int M, int64_t K, float *dst) {
-    int64_t nb = kblocks(K);
+/* rows[0..M) (K values each, fp32 or bf16) packed for the dot products: dp = 0, [kblocks(K)][M][16] fp32; dp = 1
+ * (bf16 dot products), [(K + 31) / 32][M][32] bf16 (fp32 rows then hold bf16 numbers, converted exactly). The
+ * block is zero-padded; either layout fits in kblocks(K) * 16 * M floats. */
+static void pack(const void *const *rows, int bf, int dp, int M, int64_t K, float *dst) {
+    const int64_t w = dp ? 32 : 16, nb = (K + w - 1) / w;
     for (int64_t b = 0; b < nb; b++) {
-        int64_t k = b * 16, n = K - k < 16 ? K - k : 16;
+        int64_t k = b * w, n = K - k < w ? K - k : w;
         for (int m = 0; m < M; m++) {
-            float *d = dst + (b * M + m) * 16;
-            if (bf)
-                for (int64_t i = 0; i < n; i++) d[i] = bf2f(((const uint16_t *)rows[m])[k + i]);
-            else
-                memcpy(d, (const float *)rows[m] + k, (size_t)n * sizeof(float));
-            if (n < 16) memset(d + n, 0, (size_t)(16 - n) * sizeof(float));
+            const char *src = rows[m];
+            if (dp) {
+                uint16_t *d = (uint16_t *)dst + (b * M + m) * 32;
+                for (int64_t i = 0; i < n; i++) d[i] = bf ? ((const uint16_t *)src)[k + i] : f2bf(((const float *)src)[k + i]);
+                memset(d + n, 0, (size_t)(32 - n) * 2);
+            } else {
+                float *d = dst + (b * M + m) * 16;
+                for (int64_t i = 0; i < n; i++) d[i] = bf ? bf2f(((const uint16_t *)src)[k + i]) : ((const float *)src)[k + i];
+                memset(d + n, 0, (size_t)(16 - n) * sizeof(float));
+            }
         }
     }
 }
@@ -122,24 +128,6 @@ int dsv3_bf16_dot(int on) {
     return prev;
 }
 
-static inline int64_t kblocks32(int64_t k) { return (k + 31) / 32; }
-
-/* rows[0..M) (K bf16 values each, or fp32 values that are bf16 numbers) -> dst [kblocks32(K)][M][32] bf16 */
-static void pack_dp(const void *const *rows, int bf, int M, int64_t K, uint16_t *dst) {
-    int64_t nb = kblocks32(K);
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t k = b * 32, n = K - k < 32 ? K - k : 32;
-        for (int m = 0; m < M; m++) {
-            uint16_t *d = dst + (b * M + m) * 32;
-            if (bf)
-                memcpy(d, (const uint16_t *)rows[m] + k, (size_t)n * 2);
-            else
-                for (int64_t i = 0; i < n; i++) d[i] = f2bf(((const float *)rows[m])[k + i]);
-            if (n < 32) memset(d + n, 0, (size_t)(32 - n) * 2);
-        }
-    }
-}
-
 __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void dots_dp_rm(
     const void *const *w, const int R, const uint16_t *xp, const int M, int64_t K, float res[][MAXM]) {
     __m512 acc[2][MAXM];
@@ -179,15 +167,8 @@ DOTS_DP_M(2)
     dots_dp_##R##_6, dots_dp_##R##_7, dots_dp_##R##_8}
 static const dots_fn DOTS_DP_BY[2][MAXM + 1] = {DOTS_DP_ROW(1), DOTS_DP_ROW(2)};
 
-/* the dot products of R weight rows of dtype bf with M rows packed for that dtype (dp: by pack_dp) */
+/* the dot products of R weight rows of dtype bf with M rows packed for that dtype (dp: packed by pack with dp = 1) */
 static inline dots_fn dots_for(int bf, int dp, int R, int M) { return dp ? DOTS_DP_BY[R - 1][M] : DOTS_BY[bf][R - 1][M]; }
-
-/* pack for the dot products dots_for(bf, dp, ...) takes (the packed block is the same size either way: 16
- * fp32 or 32 bf16 per 64 bytes, and kblocks32(K) * 32 <= kblocks(K) * 16 * 2) */
-static inline void pack_for(const void *const *rows, int bf, int dp, int M, int64_t K, float *dst) {
-    if (dp) pack_dp(rows, bf, M, K, (uint16_t *)dst);
-    else pack(rows, bf, M, K, dst);
-}
 
 /* ------------------------------------------------------------------ routed experts */
 
@@ -200,7 +181,7 @@ typedef struct {
     float *out, *h;           /* out: fp32 (T, D) sums */
     const int64_t *begin, *count, *spairs;
     int64_t D, I, K, E, lo, hi; /* this thread's rows of the phase: [lo, hi) of I (phase 1) or of D (2) */
-    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack_dp) */
+    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack with dp = 1) */
 } moe_t;
 
 /* h_q[i] = silu(w1_e[i] . x_t) * (w3_e[i] . x_t) for this thread's i (bf16: each of the two products,
@@ -270,7 +251,7 @@ static void pack_runs(const int64_t *begin, const int64_t *count, int64_t E, con
         for (int64_t c = begin[e]; c < begin[e] + count[e]; c += MAXM) {
             int M = (int)(begin[e] + count[e] - c < MAXM ? begin[e] + count[e] - c : MAXM);
             for (int m = 0; m < M; m++) rows[m] = base + (map ? map[c + m] / div : c + m) * stride;
-            pack_for(rows, bf, dp, M, len, dst + (c / MAXM) * kblocks(len) * 16 * MAXM);
+            pack(rows, bf, dp, M, len, dst + (c / MAXM) * kblocks(len) * 16 * MAXM);
         }
 }
 
@@ -332,7 +313,7 @@ typedef struct {
     const char *w;
     void *out;
     int64_t M, K, N, lo, hi;
-    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack_dp) */
+    int bf, dp; /* dp: bf16 products as dot products (rows packed by pack with dp = 1) */
 } lin_t;
 
 static void *lin_run(void *arg) {
@@ -370,7 +351,7 @@ int dsv3_linear(const void *x, const void *w, void *out, int64_t M, int64_t K, i
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int n = (int)(M - m0 < MAXM ? M - m0 : MAXM);
         for (int m = 0; m < n; m++) rows[m] = (const char *)x + (m0 + m) * K * es;
-        pack_for(rows, bf, dp, n, K, xp + (m0 / MAXM) * chunk);
+        pack(rows, bf, dp, n, K, xp + (m0 / MAXM) * chunk);
     }
     lin_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
