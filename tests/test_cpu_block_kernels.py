@@ -248,6 +248,9 @@ def test_the_modules_run_where_the_fused_blocks_cannot(monkeypatch):
     assert seen == [1, 2] and n["ffn"] == 3 * cfg.num_hidden_layers - 1 - 1  # layers 0 (above) and 1
     before = dict(n)
     step(m, grad=True)  # training-style forward: parameters need grad
+    m.embed.weight.requires_grad_(False)  # frozen embeddings: the layers' input needs no grad, their weights do
+    assert step(m, grad=True).requires_grad  # the modules ran, with autograd (the counts below stay)
+    m.embed.weight.requires_grad_(True)
     with torch.no_grad():
         step(m, rows=cpu.LINEAR_MAX_ROWS + 1)
         for layer in m.layers:

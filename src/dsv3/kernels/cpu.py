@@ -353,8 +353,8 @@ class _Plan:
     def weights(self, x: torch.Tensor):
         """The weights, or None where usable(x, *weights) fails (checked again when a weight changes)."""
         ws = [d.get(n) for d, n in self.params]
-        if any(w is None for w in ws):
-            return None
+        if any(w is None for w in ws) or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+            return None  # (autograd is checked on every call: the cached check below is about the tensors)
         key = (x.dtype, *[w.data_ptr() for w in ws])
         if key != self.checked:
             if not usable(x, *ws):

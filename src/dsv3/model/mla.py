@@ -120,7 +120,7 @@ class MLA(nn.Module):
         """x + self(norm(x), ...) for the few rows of a decode step over a cache that offers its slots to
         the CPU kernels (`cache.kernel_slots`): the whole attention half of the block in one kernel call
         (dsv3/kernels/attn_cpu.c, dsv3_mla_block). None where that does not apply; the caller then runs
-        the modules (their twin, tests/test_cpu_kernels.py)."""
+        the modules (their twin, tests/test_cpu_block_kernels.py)."""
         B, S = x.shape[:2]
         if (cache is None or B * S > cpu_kernels.LINEAR_MAX_ROWS or self.attn_impl == "naive"
                 or not hasattr(cache, "kernel_slots") or not cpu_kernels.usable(x)):
