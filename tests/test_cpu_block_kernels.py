@@ -267,3 +267,18 @@ def test_latent_cache_kernel_slots_reject_positions_past_the_end():
     cache = LatentCache(m.config, 1, 4, n_layers=m.config.num_hidden_layers)
     with torch.no_grad(), pytest.raises(ValueError, match="beyond the cache length 4"):
         m.hidden(torch.tensor([[1]]), torch.tensor([[4]]), cache)
+
+
+def test_attention_kernel_leaves_autograd_to_pytorch():
+    """Only wkv_b trainable (inputs and the other weights frozen): absorbed attention runs PyTorch's
+    products, so the gradient reaches wkv_b."""
+    m = _model({}, torch.float32)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    attn = m.layers[0].attn
+    attn.wkv_b.weight.requires_grad_(True)
+    attn.attn_impl = "absorb"
+    x = torch.randn(1, 2, m.config.hidden_size)
+    positions, mask, cos, sin = m._prepare(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), None)
+    attn(x, cos, sin, positions, mask).sum().backward()
+    assert attn.wkv_b.weight.grad is not None and attn.wkv_b.weight.grad.abs().sum() > 0

@@ -104,7 +104,8 @@ class MLA(nn.Module):
         if impl == "auto":
             impl = self._cheaper(x.shape[1], kv.shape[1])
         o = None
-        if impl != "naive" and cpu_kernels.step_usable(q):
+        if impl != "naive" and cpu_kernels.step_usable(q) and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (kv, pe, self.wkv_b.weight))):
             # decode-sized inference on the CPU: the whole absorbed attention, query rotation included, in
             # one kernel call (dsv3/kernels/attn_cpu.c; None where it does not take these tensors)
             w_k, w_v = self._absorb_weights(torch.float32)
