@@ -376,7 +376,7 @@ int dsv3_mla_block(const void *x, void *out, int64_t B, int64_t S, int64_t D, co
                    int64_t H, int64_t nope, int64_t R, int64_t C, int64_t V, float scale, int interleave,
                    int nthreads, int bf) {
     const int64_t M = B * S, es = bf ? 2 : 4, qd = H * (nope + R);
-    if (R > 1024 || R % 2) return -3;
+    if (R > 1024 || R % 2 || nope > 1024 || V > 1024) return -3; /* (what dsv3_mla_attend takes: checked before the cache write) */
     if (M == 0) return 0;
     const int64_t n_xn = M * D, n_qa = wq ? 0 : M * QR, n_q = M * qd, n_kvpe = M * (C + R), n_kvn = M * C,
                   n_pe = M * R, n_o = M * H * V, n_ao = M * D;

@@ -383,7 +383,8 @@ def _attn_plan(norm, attn) -> _Plan:
     mods = [norm, attn.wkv_a, attn.kv_norm, attn.wo] + ([attn.wq_a, attn.q_norm, attn.wq_b] if lora else [attn.wq])
     consts = (norm.eps, attn.kv_norm.eps, attn.q_norm.eps if lora else 0.0, attn.q_lora_rank or 0)
     plan = _Plan(mods, [(m, "weight") for m in mods], consts,
-                 ok=attn.rope_dim % 2 == 0 and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])))
+                 ok=attn.rope_dim % 2 == 0 and max(attn.rope_dim, attn.nope, attn.v_dim) <= 1024  # the kernel's limits
+                 and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])))
     plan.subs = subs
     attn.__dict__["_kernel_plan"] = plan
     return plan
