@@ -3,11 +3,19 @@ and with PyTorch's paths, same process, same weights, alternating rounds.
 
     python benchmarks/kernels_bench.py --preset small --threads 1 --rounds 5
     python benchmarks/kernels_bench.py --dtype bfloat16 --batch 1 16
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab fused       # the fused blocks alone
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-dot    # vdpbf16ps against widening
+
+What is switched off and on (--ab):
+  kernels   every kernel (off: PyTorch's paths);
+  fused     the fused decode blocks (dsv3_mla_block / dsv3_ffn_block; off: the model's modules, which
+            still take the per-op kernels);
+  bf16-dot  bf16 products as AVX512-BF16 dot products (off: every value widened to fp32 first).
 
 For each batch size: aggregate decode tokens/s (time after every prefill; process CPU time at 1
-thread, wall time otherwise) with the kernels off and on, and the median of the per-round on/off
-ratios (the machines here are shared: a ratio within a round is what is comparable). The greedy
-tokens of both are compared too.
+thread, wall time otherwise) off and on, and the median of the per-round on/off ratios (the machines
+here are shared: a ratio within a round is what is comparable). The greedy tokens of both are compared
+too.
 """
 import argparse
 import statistics
@@ -47,6 +55,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot"],
+                   help="what is switched off and on (default: every kernel)")
     args = p.parse_args(argv)
     if cpu.library() is None:
         raise SystemExit(f"the CPU kernels are unavailable here: {cpu.unavailable_reason()}")
@@ -56,11 +66,26 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     model = dsv3.Transformer(preset(args.preset)).init_weights().to(dtype).eval()
     g = torch.Generator().manual_seed(1)
-    library = cpu.library
-    print(f"# CPU kernels A/B: {args.preset} preset (random weights), {args.dtype}, {args.threads} threads, "
+    if args.ab == "bf16-dot" and not cpu.bf16_dot():
+        raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
+    library, mla_block, dot = cpu.library, cpu.mla_block, cpu.bf16_dot()
+
+    def switch(on: bool):
+        if args.ab == "kernels":
+            cpu.library = library if on else (lambda: None)
+        elif args.ab == "fused":  # the FFN half is fused only after the attention half
+            cpu.mla_block = mla_block if on else (lambda *a: None)
+        else:
+            cpu.bf16_dot(on)
+
+    def restore():
+        cpu.library, cpu.mla_block = library, mla_block
+        cpu.bf16_dot(dot)
+
+    print(f"# CPU kernels A/B ({args.ab} off / on): {args.preset} preset (random weights), {args.dtype}, {args.threads} threads, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} rounds, "
           f"{'CPU' if args.threads == 1 else 'wall'} time\n")
-    print("| batch | kernels off (tok/s) | kernels on (tok/s) | on / off (median of rounds) | rounds | same tokens |")
+    print(f"| batch | {args.ab} off (tok/s) | {args.ab} on (tok/s) | on / off (median of rounds) | rounds | same tokens |")
     print("|---|---:|---:|---:|---|---|")
     for batch in args.batch:
         prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
@@ -70,11 +95,11 @@ def main(argv=None):
         try:
             for _ in range(args.rounds):
                 for on in (False, True):
-                    cpu.library = library if on else (lambda: None)
+                    switch(on)
                     rate, toks[on] = decode(model, prompts, args.new_tokens, clock)
                     runs[on].append(rate)
         finally:
-            cpu.library = library
+            restore()
         ratios = [a / b for a, b in zip(runs[True], runs[False])]
         print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
               f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "

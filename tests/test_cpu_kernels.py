@@ -252,19 +252,24 @@ def test_engine_tokens_with_and_without_kernels(monkeypatch):
 
 
 @needs_kernels
-def test_kernels_bench_runs(capsys):
-    """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset."""
+@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot"])
+def test_kernels_bench_runs(capsys, ab):
+    """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset, for each thing
+    it switches; fp32, so the greedy tokens must agree off and on."""
     import importlib.util
 
+    if ab == "bf16-dot" and not cpu.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_bench.py")
     spec = importlib.util.spec_from_file_location("kernels_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
+    threads, library, mla_block, dot = torch.get_num_threads(), cpu.library, cpu.mla_block, cpu.bf16_dot()
     try:
-        mod.main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4"])
+        mod.main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4", "--ab", ab])
     finally:
         torch.set_num_threads(threads)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
-    assert cpu.library() is not None  # the A/B put the real library back
+    # the A/B put everything back
+    assert cpu.library is library and cpu.mla_block is mla_block and cpu.bf16_dot() == dot

@@ -18,13 +18,18 @@ class LatentCache:
 
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor):
         # kv (B, S, C), pe (B, S, R), positions (B, S) -> the first max(positions)+1 slots
-        L = int(positions.max()) + 1
-        if L > self.max_len:
-            raise ValueError(f"position {L - 1} is beyond the cache length {self.max_len}")
+        L = self._length(positions)
         rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
         self.kv[layer][rows, positions] = kv.to(self.kv.dtype)
         self.pe[layer][rows, positions] = pe.to(self.pe.dtype)
         return self.kv[layer, :, :L], self.pe[layer, :, :L]
+
+    def _length(self, positions: torch.Tensor) -> int:
+        """The slots a forward at these positions reads: max(positions) + 1, within the cache."""
+        L = int(positions.max()) + 1
+        if L > self.max_len:
+            raise ValueError(f"position {L - 1} is beyond the cache length {self.max_len}")
+        return L
 
     def kernel_slots(self, layer: int, positions: torch.Tensor):
         """The cache as the CPU decode kernels address it (dsv3.kernels.cpu.mla_block): layer's kv (B * max_len, C)
@@ -38,20 +43,15 @@ class LatentCache:
             if positions.device.type != "cpu":
                 return None
             B = self.kv.shape[1]
-            L = int(positions.max()) + 1
-            if L > self.max_len:
-                raise ValueError(f"position {L - 1} is beyond the cache length {self.max_len}")
+            L = self._length(positions)
             if int(positions.min()) < 0:
                 raise ValueError(f"negative position {int(positions.min())}")
             if positions.shape[0] != B:
                 raise ValueError(f"{positions.shape[0]} rows of positions for a cache of {B} rows")
             base = torch.arange(B)[:, None] * self.max_len
-            memo = (positions.clone(), (base + positions).flatten().contiguous(), base + torch.arange(L)[None], {})
+            memo = (positions.clone(), (base + positions).flatten().contiguous(), base + torch.arange(L)[None])
             self._slots_memo = memo
-        views = memo[3].get(layer)
-        if views is None:
-            views = memo[3][layer] = (self.kv[layer].view(-1, self.kv.shape[-1]), self.pe[layer].view(-1, self.pe.shape[-1]))
-        return views[0], views[1], memo[1], memo[2]
+        return self.kv[layer].view(-1, self.kv.shape[-1]), self.pe[layer].view(-1, self.pe.shape[-1]), memo[1], memo[2]
 
     def bytes_per_token_per_layer(self) -> int:
         return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()

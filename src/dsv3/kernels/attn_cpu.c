@@ -17,8 +17,6 @@
  * exactly and the outputs rounded to bf16 where the PyTorch path rounds them (after the normalisation
  * and after the weight product of RMSNorm, after the rotation, once at the end of attention).
  */
-#include <float.h>
-
 #include "common.h"
 
 static inline void widen(const void *src, int bf, int64_t n, float *dst) {
@@ -36,19 +34,15 @@ static inline void store(void *dst, int bf, int64_t i, float v) {
     else ((float *)dst)[i] = v;
 }
 
-static inline __mmask16 tail(int64_t n) { return (__mmask16)((1u << n) - 1); }
-
-/* sum_i a[i] b[i], fp32, 16 lanes, fixed order */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-    if (k < n) {
-        __mmask16 m = tail(n - k);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
+/* out[i] = x[i] + y[i], i < n, in the activation dtype (bf16: the fp32 sum rounded once, as PyTorch adds) */
+static void add_rows(const void *x, const void *y, void *out, int64_t n, int bf) {
+    for (int64_t i = 0; i < n; i++) {
+        if (bf) ((uint16_t *)out)[i] = f2bf(bf2f(((const uint16_t *)x)[i]) + bf2f(((const uint16_t *)y)[i]));
+        else ((float *)out)[i] = ((const float *)x)[i] + ((const float *)y)[i];
     }
-    return _mm512_reduce_add_ps(acc);
 }
+
+static inline __mmask16 tail(int64_t n) { return (__mmask16)((1u << n) - 1); }
 
 /* sum_i a[i] w[i] for fp32 a and w of dtype bf, 16 lanes, fixed order */
 static inline float dot_w(const float *a, const void *w, int64_t n, int bf) {
@@ -125,7 +119,7 @@ static void *norm_run(void *arg) {
     widen(j->w, j->bf, j->D, wf);
     for (int64_t m = j->lo; m < j->hi; m++) {
         widen(j->x + m * j->xs * es, j->bf, j->D, xf);
-        float ms = dot(xf, xf, j->D) / (float)j->D;
+        float ms = dot_w(xf, xf, j->D, 0) / (float)j->D;
         float r = 1.0f / sqrtf(ms + j->eps);
         void *o = j->out + m * j->D * es;
         for (int64_t i = 0; i < j->D; i++) {
@@ -200,7 +194,7 @@ typedef struct {
     const int64_t *slots;
     const uint8_t *mask;
     char *out;
-    int64_t B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, hb;
+    int64_t B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st;
     float scale;
     int interleave, bf;
 } attn_t;
@@ -340,7 +334,7 @@ int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void 
     if (njobs == 0) return 0;
     if (nthreads > njobs) nthreads = (int)njobs;
     attn_t a = {(const char *)q, (const char *)kv, (const char *)pe, cs, sn, wk, wvt, slots, mask, (char *)out,
-                B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, HB, scale, interleave, bf};
+                B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, scale, interleave, bf};
     const size_t per = (size_t)(HB * kblocks(C + R) * 16 * 2 + HB * kblocks(L) * 16 + TB * kblocks(C + R) * 16) * sizeof(float);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
@@ -404,10 +398,7 @@ int dsv3_mla_block(const void *x, void *out, int64_t B, int64_t S, int64_t D, co
                               V, L, scale, interleave, nthreads, bf)))
         goto done;
     if ((rc = dsv3_linear(o, wo, ao, M, H * V, D, nthreads, bf))) goto done;
-    for (int64_t i = 0; i < M * D; i++) {
-        if (bf) ((uint16_t *)out)[i] = f2bf(bf2f(((const uint16_t *)x)[i]) + bf2f(((const uint16_t *)ao)[i]));
-        else ((float *)out)[i] = ((const float *)x)[i] + ((const float *)ao)[i];
-    }
+    add_rows(x, ao, out, M * D, bf);
 done:
     free(buf);
     return rc;
@@ -476,19 +467,10 @@ static int swiglu(const void *n, const void *w1, const void *w3, const void *w2,
     if ((rc = dsv3_linear(n, w1, a, M, D, I, nthreads, bf)) || (rc = dsv3_linear(n, w3, b, M, D, I, nthreads, bf)))
         return rc;
     for (int64_t i = 0; i < M * I; i++) {
-        if (bf) {
-            float av = bf2f(((uint16_t *)a)[i]), bv = bf2f(((uint16_t *)b)[i]);
-            ((uint16_t *)h)[i] = f2bf(round_bf(av / (1.0f + expf(-av))) * bv);
-        } else {
-            float av = ((float *)a)[i];
-            ((float *)h)[i] = av / (1.0f + expf(-av)) * ((float *)b)[i];
-        }
+        if (bf) ((uint16_t *)h)[i] = f2bf(gated(bf2f(((uint16_t *)a)[i]), bf2f(((uint16_t *)b)[i]), 1));
+        else ((float *)h)[i] = gated(((float *)a)[i], ((float *)b)[i], 0);
     }
     return dsv3_linear(h, w2, y, M, I, D, nthreads, bf);
-}
-
-static inline float get(const void *p, int bf, int64_t i) {
-    return bf ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* out = x + ffn(rmsnorm(x)) for M rows of D values (x, out (M, D) contiguous; out may be x): Block.forward's
@@ -540,18 +522,10 @@ int dsv3_ffn_block(const void *x, void *out, int64_t M, int64_t D, const void *n
         if ((rc = dsv3_moe(xn, w1, w3, w2, idx, gw, yr, M, D, I, K, E, nthreads, bf))) goto done;
         if (s1) {
             if ((rc = swiglu(xn, s1, s3, s2, ys, M, D, SI, mlp, nthreads, bf))) goto done;
-            for (int64_t i = 0; i < M * D; i++) { /* the MoE's output: routed + shared, in the activation dtype */
-                float v = get(yr, bf, i) + get(ys, bf, i);
-                if (bf) ((uint16_t *)yr)[i] = f2bf(v);
-                else ((float *)yr)[i] = v;
-            }
+            add_rows(yr, ys, yr, M * D, bf); /* the MoE's output: routed + shared */
         }
     } else if ((rc = swiglu(xn, s1, s3, s2, yr, M, D, SI, mlp, nthreads, bf))) goto done;
-    for (int64_t i = 0; i < M * D; i++) {
-        float v = get(x, bf, i) + get(yr, bf, i);
-        if (bf) ((uint16_t *)out)[i] = f2bf(v);
-        else ((float *)out)[i] = v;
-    }
+    add_rows(x, yr, out, M * D, bf);
 done:
     free(buf);
     return rc;

@@ -42,6 +42,14 @@ static inline __m512 reduce16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
+/* silu(a) * b as the PyTorch path computes a SwiGLU's gated product: in bf16 the two products a and b, the
+ * silu and the result are each materialised, so each is rounded to bf16 */
+static inline float gated(float a, float b, int bf) {
+    if (!bf) return a / (1.0f + expf(-a)) * b;
+    a = round_bf(a);
+    return round_bf(round_bf(a / (1.0f + expf(-a))) * round_bf(b));
+}
+
 static inline __attribute__((always_inline)) __m512 loadw(const void *w, int64_t k, const int bf) {
     if (bf)
         return _mm512_castsi512_ps(_mm512_slli_epi32(

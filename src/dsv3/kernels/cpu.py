@@ -194,8 +194,7 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, i
                             T, D, I, K, E, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
     if rc == -1:
         raise IndexError(f"expert id out of range [0, {E}) in {idx.tolist()}")
-    if rc != 0:
-        raise MemoryError("dsv3_moe: out of memory")
+    _check(rc, "dsv3_moe")
     return out
 
 
@@ -206,9 +205,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=x.dtype)
-    if library().dsv3_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
-                             int(x.dtype == torch.bfloat16)) != 0:
-        raise MemoryError("dsv3_linear: out of memory")
+    _check(library().dsv3_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
+                                 int(x.dtype == torch.bfloat16)), "dsv3_linear")
     return out
 
 
@@ -244,6 +242,9 @@ def step_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def _check(rc: int, name: str):
+    """The kernels' return codes: 0 ok, -1 an expert id out of range, -2 out of memory, -3 unsupported sizes."""
+    if rc == -1:
+        raise IndexError(f"{name}: expert id out of range")
     if rc == -2:
         raise MemoryError(f"{name}: out of memory")
     if rc != 0:
@@ -267,6 +268,19 @@ def _angles(t: torch.Tensor, n: int, half: int) -> torch.Tensor | None:
     if t.dtype != torch.float32 or t.numel() != n * half:
         return None
     return t.reshape(n, half).contiguous()
+
+
+def _attention_inputs(cos, sin, mask, B: int, S: int, L: int, half: int):
+    """The rotary tables as (B * S, half) fp32 and the mask as contiguous (B, S, L) bool (or None: causal), as
+    the attention kernels take them; None where these tensors do not fit."""
+    cs, sn = _angles(cos, B * S, half), _angles(sin, B * S, half)
+    if cs is None or sn is None:
+        return None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, S, L):
+            return None
+        mask = mask.contiguous()
+    return cs, sn, mask
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
@@ -314,13 +328,10 @@ def mla_attend(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.
         L = slots.shape[1]
         strides = (0, kv.stride(-2), 0, pe.stride(-2))
         ptr = slots.data_ptr()
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (B, S, L):
-            return None
-        mask = mask.contiguous()
-    cs, sn = _angles(cos, B * S, R // 2), _angles(sin, B * S, R // 2)
-    if cs is None or sn is None:
+    inputs = _attention_inputs(cos, sin, mask, B, S, L, R // 2)
+    if inputs is None:
         return None
+    cs, sn, mask = inputs
     out = torch.empty(B, S, H, V, dtype=q.dtype)
     _check(library().dsv3_mla_attend(
         q.data_ptr(), cs.data_ptr(), sn.data_ptr(), kv.data_ptr(), pe.data_ptr(), *strides, ptr,
@@ -372,11 +383,19 @@ def _plain(lins, *norms) -> bool:
     return all(type(lin) is Linear and lin.bias is None for lin in lins) and all(type(n) is RMSNorm for n in norms)
 
 
+def _cached_plan(owner, norm, build) -> _Plan:
+    """owner's plan with this norm, kept on the module; built again (build(norm, owner)) when a submodule was
+    replaced (e.g. a projection by an FP8 one) or another norm comes with it."""
+    plan = owner.__dict__.get("_kernel_plan")
+    subs = tuple(owner._modules.values())
+    if plan is None or plan.mods[0] is not norm or plan.subs != subs:
+        plan = build(norm, owner)
+        plan.subs = subs
+        owner.__dict__["_kernel_plan"] = plan
+    return plan
+
+
 def _attn_plan(norm, attn) -> _Plan:
-    plan = attn.__dict__.get("_kernel_plan")
-    subs = tuple(attn._modules.values())  # a replaced projection (e.g. by an FP8 one) makes a new plan
-    if plan is not None and plan.mods[0] is norm and plan.subs == subs:
-        return plan
     lora = attn.q_lora_rank is not None
     lins = [attn.wq_a, attn.wq_b] if lora else [attn.wq]
     lins += [attn.wkv_a, attn.wo]
@@ -385,8 +404,6 @@ def _attn_plan(norm, attn) -> _Plan:
     plan = _Plan(mods, [(m, "weight") for m in mods], consts,
                  ok=attn.rope_dim % 2 == 0 and max(attn.rope_dim, attn.nope, attn.v_dim) <= 1024  # the kernel's limits
                  and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])))
-    plan.subs = subs
-    attn.__dict__["_kernel_plan"] = plan
     return plan
 
 
@@ -397,7 +414,7 @@ def mla_block(x: torch.Tensor, attn_norm, attn, cos: torch.Tensor, sin: torch.Te
     read slots (B, L)): one kernel call. None where the kernel does not take these tensors, or where forward
     hooks on the modules would miss the call."""
     B, S, D = x.shape
-    plan = _attn_plan(attn_norm, attn)
+    plan = _cached_plan(attn, attn_norm, _attn_plan)
     if not plan.ok or not x.is_contiguous() or _hooked(plan.mods):
         return None
     ws = plan.weights(x)
@@ -406,14 +423,10 @@ def mla_block(x: torch.Tensor, attn_norm, attn, cos: torch.Tensor, sin: torch.Te
     dt = x.dtype
     if ws is None or kv.dtype != dt or pe.dtype != dt or kv.stride(-1) != 1 or pe.stride(-1) != 1:
         return None
-    half = attn.rope_dim // 2
-    cs, sn = _angles(cos, B * S, half), _angles(sin, B * S, half)
-    if cs is None or sn is None:
+    inputs = _attention_inputs(cos, sin, mask, B, S, L, attn.rope_dim // 2)
+    if inputs is None:
         return None
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (B, S, L):
-            return None
-        mask = mask.contiguous()
+    cs, sn, mask = inputs
     w_k, w_v = attn._absorb_weights(torch.float32)  # w_v: the transpose of a contiguous (H, C, v), as the kernel takes it
     out = torch.empty_like(x)
     eps, kv_eps, q_eps, qr = plan.consts
@@ -437,10 +450,6 @@ def _ffn_plan(norm, ffn) -> _Plan:
     replaced `routed`, impl "auto", no routing record) or a dense MLP; anything else is not planned (ok False)."""
     from dsv3.model.moe import MLP, Experts, Gate, MoE
 
-    plan = ffn.__dict__.get("_kernel_plan")
-    subs = tuple(ffn._modules.values())
-    if plan is not None and plan.mods[0] is norm and plan.subs == subs:
-        return plan
     if type(ffn) is MLP:
         mlp, moe = ffn, None
     elif (type(ffn) is MoE and type(ffn.gate) is Gate and type(ffn.experts) is Experts and "routed" not in ffn.__dict__
@@ -464,8 +473,7 @@ def _ffn_plan(norm, ffn) -> _Plan:
         consts += (g.n_experts, g.topk, g.n_group, g.topk_group, _SCORES.get(g.score_func), _METHODS.get(g.topk_method),
                    int(g.norm_topk_prob), float(g.route_scale), ex.w1.shape[1])
     plan = _Plan(mods, weights, consts, ok)
-    plan.subs, plan.extra = subs, (moe is not None, mlp is not None, moe.gate._buffers if moe is not None else None)
-    ffn.__dict__["_kernel_plan"] = plan
+    plan.extra = (moe is not None, mlp is not None, moe.gate._buffers if moe is not None else None)
     return plan
 
 
@@ -473,7 +481,7 @@ def ffn_block(x: torch.Tensor, ffn_norm, ffn) -> torch.Tensor | None:
     """x + ffn(ffn_norm(x)) for the rows x (B, S, D) of a decode step (Block.forward's second half), a MoE
     (router, routed experts and shared experts) or a dense MLP: one kernel call. None where the kernel does
     not take these modules or tensors, or where forward hooks on the modules would miss the call."""
-    plan = _ffn_plan(ffn_norm, ffn)
+    plan = _cached_plan(ffn, ffn_norm, _ffn_plan)
     if not plan.ok or not x.is_contiguous() or _hooked(plan.mods) or x.numel() == 0:
         return None
     ws = plan.weights(x)
@@ -493,13 +501,16 @@ def ffn_block(x: torch.Tensor, ffn_norm, ffn) -> torch.Tensor | None:
         E, K, G, TG, score, method, norm, scale, inter = plan.consts[1:] if has_mlp else plan.consts
         q = p[4:] if has_mlp else p[1:]
         bias = gate_buffers.get("bias")
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu"):
-            bias = bias.float().contiguous().cpu()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            # (a bf16 model's bias buffer is bf16): its fp32 copy is kept while the buffer stays the same
+            from dsv3.model.mla import version_key  # (the model imports this module)
+
+            key = version_key(bias)
+            if getattr(plan, "bias_key", None) != key:
+                plan.bias_key, plan.bias32 = key, bias.float().contiguous()
+            bias = plan.bias32
         r = (q[0], None if bias is None else bias.data_ptr(), E, K, G, TG, score, method, norm, scale,
              q[1], q[2], q[3], inter)
-    rc = library().dsv3_ffn_block(x.data_ptr(), out.data_ptr(), M, D, p[0], ffn_norm.eps, *r, *s,
-                                  torch.get_num_threads(), int(x.dtype == torch.bfloat16))
-    if rc == -1:
-        raise IndexError("dsv3_ffn_block: expert id out of range")
-    _check(rc, "dsv3_ffn_block")
+    _check(library().dsv3_ffn_block(x.data_ptr(), out.data_ptr(), M, D, p[0], ffn_norm.eps, *r, *s,
+                                    torch.get_num_threads(), int(x.dtype == torch.bfloat16)), "dsv3_ffn_block")
     return out

@@ -201,14 +201,7 @@ static void *moe_phase1(void *arg) {
                 const void *w[2] = {w1 + i * j->D * es, w3 + i * j->D * es};
                 dots(w, xp, j->D, res);
                 for (int m = 0; m < M; m++) {
-                    float a = res[0][m], b = res[1][m], v;
-                    if (j->bf) {
-                        a = round_bf(a);
-                        v = round_bf(round_bf(a / (1.0f + expf(-a))) * round_bf(b));
-                    } else {
-                        v = a / (1.0f + expf(-a)) * b;
-                    }
-                    j->h[(c + m) * j->I + i] = v;
+                    j->h[(c + m) * j->I + i] = gated(res[0][m], res[1][m], j->bf);
                 }
             }
         }
