@@ -5,12 +5,17 @@ and with PyTorch's paths, same process, same weights, alternating rounds.
     python benchmarks/kernels_bench.py --dtype bfloat16 --batch 1 16
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab fused       # the fused blocks alone
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-dot    # vdpbf16ps against widening
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab prefill --prompt-len 512   # the prefill kernels
 
 What is switched off and on (--ab):
   kernels   every kernel (off: PyTorch's paths);
   fused     the fused decode blocks (dsv3_mla_block / dsv3_ffn_block; off: the model's modules, which
             still take the per-op kernels);
-  bf16-dot  bf16 products as AVX512-BF16 dot products (off: every value widened to fp32 first).
+  bf16-dot  bf16 products as AVX512-BF16 dot products (off: every value widened to fp32 first);
+  prefill   the many-row kernels (dsv3.kernels.cpu.prefill_paths: bf16 GEMMs, routed experts of many tokens,
+            prefill attention, RMSNorm of any row count; off: PyTorch's GEMMs, grouped_mm and SDPA). This
+            one times a prefill instead: `batch` prompts of --prompt-len tokens through the model, the
+            logits of the last position only (as dsv3 bench times it), prefill tokens/s.
 
 For each batch size: aggregate decode tokens/s (time after every prefill; process CPU time at 1
 thread, wall time otherwise) off and on, and the median of the per-round on/off ratios (the machines
@@ -55,7 +60,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot"],
+    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "prefill"],
                    help="what is switched off and on (default: every kernel)")
     args = p.parse_args(argv)
     if cpu.library() is None:
@@ -68,19 +73,25 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     if args.ab == "bf16-dot" and not cpu.bf16_dot():
         raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
-    library, mla_block, dot = cpu.library, cpu.mla_block, cpu.bf16_dot()
+    library, mla_block, dot, pre = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths()
 
     def switch(on: bool):
         if args.ab == "kernels":
             cpu.library = library if on else (lambda: None)
         elif args.ab == "fused":  # the FFN half is fused only after the attention half
             cpu.mla_block = mla_block if on else (lambda *a: None)
+        elif args.ab == "prefill":
+            cpu.prefill_paths(on)
         else:
             cpu.bf16_dot(on)
 
     def restore():
         cpu.library, cpu.mla_block = library, mla_block
         cpu.bf16_dot(dot)
+        cpu.prefill_paths(pre)
+
+    if args.ab == "prefill":
+        return prefill_ab(model, args, g, clock, switch, restore)
 
     print(f"# CPU kernels A/B ({args.ab} off / on): {args.preset} preset (random weights), {args.dtype}, {args.threads} threads, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.rounds} rounds, "
@@ -104,6 +115,38 @@ def main(argv=None):
         print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
               f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
               f"{'yes' if toks[True] == toks[False] else 'no'} |")
+
+
+def prefill_ab(model, args, g, clock, switch, restore):
+    print(f"# CPU kernels A/B (prefill off / on): {args.preset} preset (random weights), {args.dtype}, "
+          f"{args.threads} threads, prompts of {args.prompt_len} tokens, {args.rounds} rounds, "
+          f"{'CPU' if args.threads == 1 else 'wall'} time\n")
+    print("| batch | prefill off (tok/s) | prefill on (tok/s) | on / off (median of rounds) | rounds | max |logit diff| |")
+    print("|---|---:|---:|---:|---|---|")
+    for batch in args.batch:
+        tokens = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g)
+
+        def once():
+            t0 = clock()
+            with torch.inference_mode():
+                out = model.logits(model.hidden(tokens)[:, -1:]).float()
+            return tokens.numel() / (clock() - t0), out
+        runs, out = {False: [], True: []}, {}
+        try:
+            for on in (False, True):  # warm-up
+                switch(on)
+                once()
+            for _ in range(args.rounds):
+                for on in (False, True):
+                    switch(on)
+                    rate, out[on] = once()
+                    runs[on].append(rate)
+        finally:
+            restore()
+        ratios = [a / b for a, b in zip(runs[True], runs[False])]
+        print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
+              f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
+              f"{(out[True] - out[False]).abs().max():.2e} |")
 
 
 if __name__ == "__main__":

@@ -273,3 +273,23 @@ def test_kernels_bench_runs(capsys, ab):
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
     # the A/B put everything back
     assert cpu.library is library and cpu.mla_block is mla_block and cpu.bf16_dot() == dot
+
+
+@needs_kernels
+def test_kernels_bench_prefill_ab_runs(capsys):
+    """--ab prefill (the A/B behind docs/engine.md's prefill figures) on the tiny preset: fp32 logits off and
+    on within fp32 rounding, and the switch put back."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_bench.py")
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads, before = torch.get_num_threads(), cpu.prefill_paths()
+    try:
+        mod.main(["--preset", "tiny", "--batch", "1", "2", "--rounds", "2", "--prompt-len", "24", "--ab", "prefill"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and all(float(r.rstrip(" |").rsplit("|", 1)[1]) < 1e-4 for r in rows)
+    assert cpu.prefill_paths() == before

@@ -83,24 +83,6 @@ static inline void vecmat(const float *x, const float *W, int64_t n, int64_t m, 
     }
 }
 
-/* e^x for x <= 0 (softmax after subtracting the maximum), ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
- * polynomial of r (the Cephes expf coefficients), times 2^n; below -87.3 (e^x < 1.2e-38) it returns 0 */
-static inline __m512 exp_neg(__m512 x) {
-    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
-}
-
 /* ------------------------------------------------------------------ RMSNorm */
 
 typedef struct {
@@ -286,7 +268,7 @@ static void attend_one(const attn_t *a, int64_t job, float *buf) {
         for (int64_t l = 0; l < LP; l += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + l));
         mv = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
         for (int64_t l = 0; l < LP; l += 16) {
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sh + l), mv));
+            __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(sh + l), mv));
             _mm512_storeu_ps(sh + l, e);
             sum = _mm512_add_ps(sum, e);
         }

@@ -64,6 +64,24 @@ static inline __attribute__((always_inline)) __m512 loadw_mask(const void *w, in
     return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
 }
 
+/* e^x, ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r (the Cephes expf coefficients), times
+ * 2^n; below -87.3 (e^x < 1.2e-38) it returns 0, above ~88.7 +inf (the scaling overflows) */
+static inline __m512 vexp(__m512 x) {
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
 static inline void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *lo = n * t / nt;
     *hi = n * (t + 1) / nt;

@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger("dsv3.kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c")]
+_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c", "gemm_cpu.c")]
 _HEADERS = [os.path.join(_HERE, "common.h")]
 # -ffp-contract=off: products and sums written as separate C operations round separately, as PyTorch's
 # separate ops do (the kernels' fused multiply-adds are explicit intrinsics)
@@ -112,12 +112,11 @@ def library() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _reason = f"build failed: {e}"
         else:
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
             lib.dsv3_moe.argtypes = [p] * 7 + [i64] * 5 + [i32, i32]
             lib.dsv3_moe.restype = i32
             lib.dsv3_linear.argtypes = [p] * 3 + [i64] * 3 + [i32, i32]
             lib.dsv3_linear.restype = i32
-            f32 = ctypes.c_float
             lib.dsv3_rmsnorm.argtypes = [p, i64, p, p, i64, i64, f32, i32, i32]
             lib.dsv3_rmsnorm.restype = i32
             lib.dsv3_rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
@@ -130,6 +129,13 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_ffn_block.argtypes = ([p, p, i64, i64, p, f32, p, p] + [i64] * 4 + [i32] * 3 + [f32] + [p] * 3
                                            + [i64] + [p] * 3 + [i64, i32, i32])
             lib.dsv3_ffn_block.restype = i32
+            lib.dsv3_gemm.argtypes = [p, i64, p, p] + [i64] * 4 + [i32, i32]
+            lib.dsv3_gemm.restype = i32
+            lib.dsv3_moe_gemm.argtypes = [p] * 7 + [i64] * 5 + [i32, i32]
+            lib.dsv3_moe_gemm.restype = i32
+            lib.dsv3_prefill_attend.argtypes = ([p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, p, p]
+                                                + [i64] * 7 + [f32, i32, i32])
+            lib.dsv3_prefill_attend.restype = i32
             lib.dsv3_bf16_dot.argtypes = [i32]
             lib.dsv3_bf16_dot.restype = i32
             return lib
@@ -210,6 +216,90 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_PREFILL = [True]
+
+
+def prefill_paths(on: bool | None = None) -> bool:
+    """Whether many-row inference (prefill) takes this module's paths: the bf16 GEMMs (gemm, moe_gemm), RMSNorm
+    of any row count, and fp32 attention on widened bf16 values (dsv3.model.mla); `on` sets it (for A/B
+    comparisons: benchmarks/kernels_bench.py --ab prefill). Returns the setting before the call."""
+    prev = _PREFILL[0]
+    if on is not None:
+        _PREFILL[0] = bool(on)
+    return prev
+
+
+def gemm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the many-row kernels (gemm, moe_gemm, prefill_attend) take x with these weights: usable() with
+    prefill_paths() on."""
+    return _PREFILL[0] and usable(x, *weights)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T for many rows, in x's dtype (the caller checks gemm_usable(x, w)); x may have a
+    row stride. Each output is its fp32 sum over k in ascending order (bf16: rounded once), whatever M is. The
+    model takes it for bf16 only: PyTorch's CPU bf16 GEMM runs at about half its fp32 rate here, while its
+    fp32 GEMM runs as fast as this one."""
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype)
+    _check(library().dsv3_gemm(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), N, M, K, N,
+                               torch.get_num_threads(), int(x.dtype == torch.bfloat16)), "dsv3_gemm")
+    return out
+
+
+def moe_gemm(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, idx: torch.Tensor,
+             gw: torch.Tensor) -> torch.Tensor:
+    """moe()'s values for many tokens, the products as GEMMs over each expert's tokens (the caller checks
+    gemm_usable(x, w1, w3, w2))."""
+    T, D = x.shape
+    E, I, _ = w1.shape
+    K = idx.shape[1]
+    x = x.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    gw = gw.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=x.dtype)
+    rc = library().dsv3_moe_gemm(x.data_ptr(), w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), idx.data_ptr(),
+                                 gw.data_ptr(), out.data_ptr(), T, D, I, K, E, torch.get_num_threads(),
+                                 int(x.dtype == torch.bfloat16))
+    if rc == -1:
+        raise IndexError(f"expert id out of range [0, {E}) in {idx.tolist()}")
+    _check(rc, "dsv3_moe_gemm")
+    return out
+
+
+def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, pe: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float, v_dim: int) -> torch.Tensor | None:
+    """MLA attention over decompressed keys and values: q = [q_nope (B, S, H, nope), q_pe (B, S, H, R)], k =
+    [kvb[..., :nope], pe (B, L, R) shared by the heads], v = kvb[..., nope:], kvb (B, L, H, nope + v_dim);
+    mask (B, S, L) bool, or None for plain causal attention (L == S). Returns (B, S, H, v_dim) in q's dtype:
+    the values of F.scaled_dot_product_attention on those tensors up to fp32 rounding, zeros for a query that
+    may see no key; or None where the tensors do not fit (the caller's path runs). The caller checks
+    gemm_usable(q_nope)."""
+    B, S, H, nope = q_nope.shape
+    R, L = q_pe.shape[-1], kvb.shape[1]
+    ts = (q_nope, q_pe, kvb, pe)
+    if (any(t.dtype != q_nope.dtype or t.stride(-1) != 1 for t in ts) or kvb.shape != (B, L, H, nope + v_dim)
+            or q_pe.shape[:3] != (B, S, H) or pe.shape != (B, L, R) or nope + R > 1024 or v_dim > 1024):
+        return None
+    if mask is None:
+        if L != S:
+            return None
+    else:
+        if mask.dtype != torch.bool or mask.shape != (B, S, L):
+            return None
+        mask = mask.contiguous()
+    out = torch.empty(B, S, H, v_dim, dtype=q_nope.dtype)
+    _check(library().dsv3_prefill_attend(
+        q_nope.data_ptr(), *q_nope.stride()[:3], q_pe.data_ptr(), *q_pe.stride()[:3], kvb.data_ptr(),
+        *kvb.stride()[:3], pe.data_ptr(), *pe.stride()[:2], None if mask is None else mask.data_ptr(),
+        out.data_ptr(), B, S, L, H, nope, R, v_dim, scale, torch.get_num_threads(),
+        int(q_nope.dtype == torch.bfloat16)), "dsv3_prefill_attend")
+    return out
+
+
 # Up to how many rows the per-layer pieces of a decode step (norms, rotations, attention) take the kernels:
 # beyond, PyTorch's ops are vectorised over the rows and their dispatch cost is spread over enough work
 STEP_MAX_ROWS = 64
@@ -233,12 +323,17 @@ def _rows(x: torch.Tensor) -> tuple[int, int] | None:
     return (x.numel() // D if D else 0), (D if stride is None else stride)
 
 
-def step_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """usable() for the per-layer pieces: also few enough rows, evenly spaced."""
+def rows_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """usable() for a kernel over x's rows (rmsnorm): also evenly spaced rows, at least one."""
     if not usable(x, *weights):
         return False
     r = _rows(x)
-    return r is not None and 0 < r[0] <= STEP_MAX_ROWS
+    return r is not None and 0 < r[0] and (r[0] <= STEP_MAX_ROWS or _PREFILL[0])
+
+
+def step_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """usable() for the per-layer pieces: also few enough rows, evenly spaced."""
+    return rows_usable(x, *weights) and _rows(x)[0] <= STEP_MAX_ROWS
 
 
 def _check(rc: int, name: str):
@@ -253,7 +348,7 @@ def _check(rc: int, name: str):
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm.composite of x (..., D) with weight w (D,) in x's dtype: a new contiguous tensor. The caller
-    checks step_usable(x, w)."""
+    checks rows_usable(x, w)."""
     M, xs = _rows(x)
     D = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype)

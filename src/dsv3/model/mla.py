@@ -143,6 +143,10 @@ class MLA(nn.Module):
         B, S, H, _ = q_nope.shape
         L = kv.shape[1]
         kvb = self.wkv_b(kv).view(B, L, H, self.nope + self.v_dim)  # (B, L, H, nope + v)
+        if cpu_kernels.gemm_usable(q_nope):  # CPU inference: one kernel call (dsv3/kernels/gemm_cpu.c)
+            o = cpu_kernels.prefill_attend(q_nope, q_pe, kvb, pe, mask, self.softmax_scale, self.v_dim)
+            if o is not None:
+                return o
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, pe[:, :, None, :].expand(B, L, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)

@@ -71,7 +71,27 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter, bias=False)
 
     def forward(self, x):
+        y = self._kernel(x)
+        if y is not None:
+            return y
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def _kernel(self, x):
+        """bf16 CPU inference over many rows (prefill): the three products and the gated product in one call
+        of the experts' GEMM kernel with this MLP as the only expert, which rounds as the modules do; None
+        where the modules run (few rows, fp32, autograd, hooks, parallel or FP8 replacements)."""
+        lins = (self.w1, self.w2, self.w3)
+        if x.dtype != torch.bfloat16 or not all(type(m) is Linear and m.bias is None and not m._forward_hooks
+                                                and not m._forward_pre_hooks for m in lins):
+            return None
+        K = x.shape[-1]
+        rows = x.numel() // K if K else 0
+        if rows <= cpu_kernels.LINEAR_MAX_ROWS or not cpu_kernels.gemm_usable(x, *(m.weight for m in lins)):
+            return None
+        w1, w2, w3 = (m.weight.unsqueeze(0) for m in lins)
+        one = torch.zeros(rows, 1, dtype=torch.int64)
+        y = cpu_kernels.moe_gemm(x.reshape(rows, K), w1, w3, w2, one, torch.ones(rows, 1))
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Gate(nn.Module):
@@ -180,6 +200,16 @@ class Experts(nn.Module):
         each token's sum in ascending expert order whatever the batch (batch-invariant)."""
         return cpu_kernels.moe(x, self.w1, self.w3, self.w2, idx, weights)
 
+    def gemm_ok(self, x) -> bool:
+        """Whether forward_gemm takes x and these weights (dsv3.kernels.cpu.gemm_usable: CPU inference)."""
+        return cpu_kernels.gemm_usable(x, self.w1, self.w2, self.w3)
+
+    def forward_gemm(self, x, weights, idx):
+        """Many-token path without autograd (prefill): the C kernel of dsv3/kernels/gemm_cpu.c runs each
+        expert's three products as GEMMs over its tokens (fp32 sums, in bf16 the grouped path's roundings) and
+        adds each token's outputs in ascending expert order, with no sort, gather or scatter ops."""
+        return cpu_kernels.moe_gemm(x, self.w1, self.w3, self.w2, idx, weights)
+
     def forward_pairs(self, x, weights, idx):
         """Decode path for a few tokens without autograd: one matrix-vector product per (token, expert)
         pair on views of the stacked weights. The loop twin's sort, gathers and index_add cost more
@@ -208,7 +238,8 @@ class MoE(nn.Module):
         # experts (decode: grouped_mm's CPU path visits every expert, even empty ones);
         # "grouped" / "loop" force one path (the twins the tests tie together); "pairs" is the
         # per-pair decode path auto takes for at most PAIRS_MAX_TOKENS tokens without autograd, and
-        # "kernel" the C kernel it takes before that for at most cpu_kernels.MOE_MAX_TOKENS.
+        # "kernel" the C kernel it takes before that for at most cpu_kernels.MOE_MAX_TOKENS; beyond,
+        # inference takes "gemm", the C GEMMs of many tokens.
         self.impl = "auto"
         # When set, forward() stores (affinities (T, E), indices (T, K)) for the load-balancing
         # statistics and losses of training / the engine's expert-load counters.
@@ -236,6 +267,8 @@ class MoE(nn.Module):
             if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and hasattr(self.experts, "forward_kernel") \
                     and self.experts.kernel_ok(x):
                 impl = "kernel"
+            elif hasattr(self.experts, "forward_gemm") and self.experts.gemm_ok(x):
+                impl = "gemm"
             elif x.shape[0] <= PAIRS_MAX_TOKENS and not (torch.is_grad_enabled() and x.requires_grad) \
                     and hasattr(self.experts, "forward_pairs"):
                 impl = "pairs"

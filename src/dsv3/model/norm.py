@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
                 and not torch.compiler.is_compiling():
             return _RMSNormFn.apply(x, self.weight, self.eps)
-        if cpu_kernels.step_usable(x, self.weight):  # a few rows in CPU inference: one kernel call
+        if cpu_kernels.rows_usable(x, self.weight):  # CPU inference: one kernel call, one pass over the rows
             return cpu_kernels.rmsnorm(x, self.weight, self.eps)
         return self.composite(x)
 
