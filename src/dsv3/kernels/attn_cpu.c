@@ -104,10 +104,15 @@ static void *norm_run(void *arg) {
         float ms = dot_w(xf, xf, j->D, 0) / (float)j->D;
         float r = 1.0f / sqrtf(ms + j->eps);
         void *o = j->out + m * j->D * es;
-        for (int64_t i = 0; i < j->D; i++) {
-            float y = xf[i] * r;
-            if (j->bf) y = round_bf(y); /* the normalised x is rounded to the activation dtype first */
-            store(o, j->bf, i, wf[i] * y);
+        const __m512 rv = _mm512_set1_ps(r);
+        for (int64_t i = 0; i < j->D; i += 16) {
+            int64_t n = j->D - i < 16 ? j->D - i : 16;
+            __mmask16 k = (__mmask16)((1u << n) - 1);
+            __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xf + i), rv);
+            if (j->bf) y = round_bf16(y); /* the normalised x is rounded to the activation dtype first */
+            y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, wf + i), y);
+            if (j->bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, k, to_bf16(y));
+            else _mm512_mask_storeu_ps((float *)o + i, k, y);
         }
     }
     free(xf);

@@ -220,9 +220,10 @@ _PREFILL = [True]
 
 
 def prefill_paths(on: bool | None = None) -> bool:
-    """Whether many-row inference (prefill) takes this module's paths: the bf16 GEMMs (gemm, moe_gemm), RMSNorm
-    of any row count, and fp32 attention on widened bf16 values (dsv3.model.mla); `on` sets it (for A/B
-    comparisons: benchmarks/kernels_bench.py --ab prefill). Returns the setting before the call."""
+    """Whether many-row inference (prefill) takes this module's kernels: the GEMM of bf16 projections and SwiGLUs,
+    the routed experts of many tokens (moe_gemm), prefill attention (prefill_attend), RMSNorm and rotary
+    embedding of any row count; `on` sets it (for A/B comparisons: benchmarks/kernels_bench.py --ab prefill).
+    Returns the setting before the call."""
     prev = _PREFILL[0]
     if on is not None:
         _PREFILL[0] = bool(on)
@@ -324,7 +325,8 @@ def _rows(x: torch.Tensor) -> tuple[int, int] | None:
 
 
 def rows_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """usable() for a kernel over x's rows (rmsnorm): also evenly spaced rows, at least one."""
+    """usable() for a kernel over x's rows (rmsnorm, rotary): evenly spaced rows, at least one, and beyond
+    STEP_MAX_ROWS only with prefill_paths() on."""
     if not usable(x, *weights):
         return False
     r = _rows(x)
@@ -381,7 +383,7 @@ def _attention_inputs(cos, sin, mask, B: int, S: int, L: int, half: int):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
     """apply_rotary of x (B, S, H, R) with cos, sin (B, S, 1, R/2), or None where the kernel does not take
     these tensors (then the caller's PyTorch path runs)."""
-    if x.dim() != 4 or not step_usable(x):
+    if x.dim() != 4 or not rows_usable(x):
         return None
     B, S, H, R = x.shape
     rows = _rows(x[:, :, 0])

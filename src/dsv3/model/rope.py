@@ -64,7 +64,7 @@ class Rotary(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """x (B, S, H, rope) rotated; computed in fp32, returned in x's dtype. Layout is preserved."""
-    out = cpu_kernels.rotary(x, cos, sin, interleave)  # a few rows in CPU inference: one kernel call
+    out = cpu_kernels.rotary(x, cos, sin, interleave)  # CPU inference: one kernel call
     if out is not None:
         return out
     xf = x.float()
