@@ -275,28 +275,41 @@ static inline int64_t key_limit(const pattn_t *j, int64_t b, int64_t s) {
 
 static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
     const int64_t es = j->bf ? 2 : 4, Dq = j->nope + j->R, L = j->L, nkp = (L + NR - 1) / NR;
-    const int64_t nvp = (j->V + NR - 1) / NR, Lp = nkp * NR;
+    const int64_t nvp = (j->V + NR - 1) / NR, Lp = nkp * NR; /* Lp: a multiple of NR, so of 16 */
     /* queries, widened: qa[s] = [q_nope, q_pe] */
     for (int64_t s = 0; s < j->S; s++) {
         widen_row(j->qn + (b * j->qn_sb + s * j->qn_ss + h * j->qn_sh) * es, j->bf, j->nope, j->qa + s * Dq);
         widen_row(j->qp + (b * j->qp_sb + s * j->qp_ss + h * j->qp_sh) * es, j->bf, j->R, j->qa + s * Dq + j->nope);
     }
-    /* key panels kp[p][d][jj] and value panels vp[c][l][jj], zero-padded */
-    float row[1024];
-    for (int64_t l = 0; l < Lp; l++) {
-        float *kd = j->kp + (l / NR) * Dq * NR + l % NR;
-        if (l < L) {
-            const char *kv = j->kvb + (b * j->kv_sb + l * j->kv_sl + h * j->kv_sh) * es;
-            widen_row(kv, j->bf, j->nope, row);
-            widen_row(j->pe + (b * j->pe_sb + l * j->pe_sl) * es, j->bf, j->R, row + j->nope);
-            for (int64_t d = 0; d < Dq; d++) kd[d * NR] = row[d];
-            widen_row(kv + j->nope * es, j->bf, j->V, row);
-            for (int64_t c = 0; c < nvp; c++)
-                for (int64_t jj = 0; jj < NR; jj++)
-                    j->vp[(c * Lp + l) * NR + jj] = c * NR + jj < j->V ? row[c * NR + jj] : 0.0f;
-        } else {
-            for (int64_t d = 0; d < Dq; d++) kd[d * NR] = 0.0f;
-            for (int64_t c = 0; c < nvp; c++) memset(j->vp + (c * Lp + l) * NR, 0, NR * sizeof(float));
+    /* key panels kp[p][d][jj] (16 keys at a time: their rows widened, then 16 x 16 transposes) and value
+     * panels vp[c][l][jj], zero-padded */
+    float rows[16][1024];
+    __m512 r[16];
+    for (int64_t l0 = 0; l0 < Lp; l0 += 16) {
+        for (int64_t i = 0; i < 16; i++) {
+            int64_t l = l0 + i;
+            if (l < L) {
+                const char *kv = j->kvb + (b * j->kv_sb + l * j->kv_sl + h * j->kv_sh) * es;
+                widen_row(kv, j->bf, j->nope, rows[i]);
+                widen_row(j->pe + (b * j->pe_sb + l * j->pe_sl) * es, j->bf, j->R, rows[i] + j->nope);
+                for (int64_t c = 0; c < nvp; c++) {
+                    float *dst = j->vp + (c * Lp + l) * NR;
+                    int64_t n = j->V - c * NR < NR ? j->V - c * NR : NR;
+                    widen_row(kv + (j->nope + c * NR) * es, j->bf, n, dst);
+                    if (n < NR) memset(dst + n, 0, (size_t)(NR - n) * sizeof(float));
+                }
+            } else {
+                memset(rows[i], 0, (size_t)Dq * sizeof(float));
+                for (int64_t c = 0; c < nvp; c++) memset(j->vp + (c * Lp + l) * NR, 0, NR * sizeof(float));
+            }
+        }
+        float *kd = j->kp + (l0 / NR) * Dq * NR + l0 % NR;
+        for (int64_t d0 = 0; d0 < Dq; d0 += 16) {
+            int64_t dn = Dq - d0 < 16 ? Dq - d0 : 16;
+            __mmask16 dm = (__mmask16)((1u << dn) - 1);
+            for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_ps(dm, rows[i] + d0);
+            transpose16(r);
+            for (int64_t d = 0; d < dn; d++) _mm512_store_ps(kd + (d0 + d) * NR, r[d]);
         }
     }
     const float *a[MR];
