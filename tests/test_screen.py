@@ -284,3 +284,24 @@ def test_seven_bit_activations_where_the_cpu_has_no_vnni(monkeypatch, kernel):
     exact = h.double() @ w.double().t()
     assert ((gh.approx(h).double() - exact).abs() <= gh.bound(h).double()).all()
     assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, w).argmax(dim=1))
+
+
+@pytest.mark.skipif(__import__("dsv3.kernels.cpu", fromlist=["x"]).library() is None, reason="no CPU kernels here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "scaled-rows", "low-rank"])
+def test_c_candidate_search_equals_its_tensor_twin(kind, dtype):
+    """The candidate search in C (the default) and its tensor-op twin find the same (row, id) pairs, in the
+    same order, over 26 rows at once (a vocabulary with a tail beyond the last 64-wide chunk), including a
+    row that is not finite (none: its token is computed in full)."""
+    w = weights(kind).to(dtype)
+    gh = GreedyHead(w)
+    h = hiddens()
+    h[3, 7] = float("nan")
+    hs = h / torch.where(h.abs().amax(1, keepdim=True) > 0, h.abs().amax(1, keepdim=True), torch.ones(1))
+    a, terms = gh._screen(hs)
+    assert gh.search == "c"
+    c_rows, c_ids = gh._candidates(a, terms)
+    gh.search = "torch"
+    t_rows, t_ids = gh._candidates(a, terms)
+    assert torch.equal(c_rows, t_rows) and torch.equal(c_ids, t_ids)
+    assert 3 not in c_rows.tolist() and c_rows.numel() > 0

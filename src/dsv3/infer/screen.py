@@ -52,6 +52,7 @@ import re
 
 import torch
 
+from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.mla import version_key
 
 # Below this many head elements the full product is cheap and the screen is not worth its setup.
@@ -149,6 +150,10 @@ class GreedyHead:
         # the largest factors of each CHUNK-wide chunk of rows: a bound of the chunk's b_i (_candidates)
         n = V // CHUNK
         self._factor_chunk = tuple(f[:n * CHUNK].view(n, CHUNK).amax(dim=1) for f in self._factors)
+        # the same, stacked for the C candidate search (dsv3.kernels.cpu.screen_candidates)
+        self._stacked = (torch.stack(self._factors).float().contiguous(),
+                         torch.stack(self._factor_chunk).float().contiguous() if n else torch.zeros(3, 0),
+                         torch.stack(self._factor_max).float().contiguous())
         self.kernel = self.engine = None
         ops = _onednn_linear() if kernel in (None, "onednn") else None
         if ops is not None:
@@ -171,6 +176,8 @@ class GreedyHead:
                 qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
             self.kernel, self.engine = "dynamic", engine
+        # the candidate search: "c" (one kernel call, where the CPU kernels load) or "torch" (its twin)
+        self.search = "c"
         self.version = version_key(self.weight)
         self.rows = self.candidates = self.fallbacks = 0  # statistics: rows screened, candidates rescored
 
@@ -290,7 +297,14 @@ class GreedyHead:
 
         One pass over a: the maxima of CHUNK-wide chunks give the row maxima and, with the largest b
         of each chunk, the few chunks that can hold a candidate; only those are read again. (A
-        compare + nonzero over each row of 129,280 costs ~0.3 ms a row on one core, ten times this.)"""
+        compare + nonzero over each row of 129,280 costs ~0.3 ms a row on one core, ten times this.)
+        With search "c" the C kernel (dsv3/kernels/screen_cpu.c) does the same fp32 arithmetic in the
+        same order in one call; the tensor ops below are its twin and the fallback."""
+        if self.search == "c":
+            got = cpu_kernels.screen_candidates(a, torch.stack(terms).float().contiguous(), *self._stacked, CHUNK,
+                                                _BF16_BAND if self.bf16 else 0.0, 2.0 ** -20)
+            if got is not None:
+                return got
         R, V = a.shape
         n = V // CHUNK
         body_n = n * CHUNK

@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger("dsv3.kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c", "gemm_cpu.c")]
+_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c", "gemm_cpu.c", "screen_cpu.c")]
 _HEADERS = [os.path.join(_HERE, "common.h")]
 # -ffp-contract=off: products and sums written as separate C operations round separately, as PyTorch's
 # separate ops do (the kernels' fused multiply-adds are explicit intrinsics)
@@ -136,6 +136,8 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_prefill_attend.argtypes = ([p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, p, p]
                                                 + [i64] * 7 + [f32, i32, i32])
             lib.dsv3_prefill_attend.restype = i32
+            lib.dsv3_screen_candidates.argtypes = [p] * 5 + [i64] * 3 + [f32, f32, p, p, i64]
+            lib.dsv3_screen_candidates.restype = i64
             lib.dsv3_bf16_dot.argtypes = [i32]
             lib.dsv3_bf16_dot.restype = i32
             return lib
@@ -299,6 +301,26 @@ def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
         out.data_ptr(), B, S, L, H, nope, R, v_dim, scale, torch.get_num_threads(),
         int(q_nope.dtype == torch.bfloat16)), "dsv3_prefill_attend")
     return out
+
+
+def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tensor, chunk_factors: torch.Tensor,
+                      factor_max: torch.Tensor, chunk: int, band: float, eps: float):
+    """GreedyHead._candidates (dsv3/infer/screen.py) in one call: a (R, V) fp32 approximate logits, terms (3, R),
+    factors (3, V), chunk_factors (3, V // chunk), factor_max (3,), all fp32 -> (row_of, ids) int64, row-major
+    with ascending ids; None where the library is missing or the candidates overflow the room given (the
+    caller's twin runs)."""
+    lib = library()
+    if lib is None or a.dtype != torch.float32 or a.dim() != 2 or not a.is_contiguous():
+        return None
+    R, V = a.shape
+    cap = R * 4096
+    row_of, ids = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)
+    n = lib.dsv3_screen_candidates(a.data_ptr(), terms.data_ptr(), factors.data_ptr(), chunk_factors.data_ptr(),
+                                   factor_max.data_ptr(), R, V, chunk, band, eps, row_of.data_ptr(), ids.data_ptr(),
+                                   cap)
+    if n < 0:
+        return None
+    return row_of[:n], ids[:n]
 
 
 # Up to how many rows the per-layer pieces of a decode step (norms, rotations, attention) take the kernels:
