@@ -100,21 +100,29 @@ def main(argv=None):
     print("|---|---:|---:|---:|---|---|")
     for batch in args.batch:
         prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
-        runs = {False: [], True: []}
-        toks = {}
         decode(model, prompts, 4, clock)  # warm-up (and the kernels' build)
-        try:
-            for _ in range(args.rounds):
-                for on in (False, True):
-                    switch(on)
-                    rate, toks[on] = decode(model, prompts, args.new_tokens, clock)
-                    runs[on].append(rate)
-        finally:
-            restore()
-        ratios = [a / b for a, b in zip(runs[True], runs[False])]
-        print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
-              f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
-              f"{'yes' if toks[True] == toks[False] else 'no'} |")
+        runs, toks = paired(args.rounds, switch, restore, lambda: decode(model, prompts, args.new_tokens, clock))
+        print(row(batch, runs, 'yes' if toks[True] == toks[False] else 'no'))
+
+
+def paired(rounds, switch, restore, once):
+    """rounds x (off, on) of once() -> (rate, result): the rates of each side and the last results."""
+    runs, out = {False: [], True: []}, {}
+    try:
+        for _ in range(rounds):
+            for on in (False, True):
+                switch(on)
+                rate, out[on] = once()
+                runs[on].append(rate)
+    finally:
+        restore()
+    return runs, out
+
+
+def row(batch, runs, last: str) -> str:
+    ratios = [a / b for a, b in zip(runs[True], runs[False])]
+    return (f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
+            f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | {last} |")
 
 
 def prefill_ab(model, args, g, clock, switch, restore):
@@ -131,22 +139,9 @@ def prefill_ab(model, args, g, clock, switch, restore):
             with torch.inference_mode():
                 out = model.logits(model.hidden(tokens)[:, -1:]).float()
             return tokens.numel() / (clock() - t0), out
-        runs, out = {False: [], True: []}, {}
-        try:
-            for on in (False, True):  # warm-up
-                switch(on)
-                once()
-            for _ in range(args.rounds):
-                for on in (False, True):
-                    switch(on)
-                    rate, out[on] = once()
-                    runs[on].append(rate)
-        finally:
-            restore()
-        ratios = [a / b for a, b in zip(runs[True], runs[False])]
-        print(f"| {batch} | {statistics.median(runs[False]):.1f} | {statistics.median(runs[True]):.1f} | "
-              f"{statistics.median(ratios):.3f}x | {', '.join(f'{r:.2f}' for r in ratios)} | "
-              f"{(out[True] - out[False]).abs().max():.2e} |")
+        paired(1, switch, lambda: None, once)  # warm-up of both sides
+        runs, out = paired(args.rounds, switch, restore, once)
+        print(row(batch, runs, f"{(out[True] - out[False]).abs().max():.2e}"))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 # "auto" runs the routed experts pair by pair (Experts.forward_pairs) for this many tokens or fewer
 # (and through the C kernel, Experts.forward_kernel, for up to dsv3.kernels.cpu.MOE_MAX_TOKENS where it
-# can: it beats both; above that, grouped_mm's GEMMs are compute-bound and faster)
+# can: it beats both; above that, in CPU inference, through the C GEMMs of Experts.forward_gemm, and
+# otherwise grouped_mm's GEMMs)
 PAIRS_MAX_TOKENS = 2
 
 
