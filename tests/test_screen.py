@@ -16,7 +16,8 @@ from hf_ref import YARN, make_v3
 from test_engine import greedy, rand_prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(screen._engine() is None, reason="no quantized CPU engine in this torch build")
-KERNELS = ["dynamic"] + (["onednn"] if screen._onednn_linear() is not None else [])
+KERNELS = (["dynamic"] + (["onednn"] if screen._onednn_linear() is not None else [])
+           + (["c"] if screen.cpu_kernels.vnni() else []))
 
 
 def weights(kind: str, V=6000, D=256, seed=0):

@@ -120,15 +120,16 @@ def _quant_engine(name: str):
 class GreedyHead:
     """Exact argmax over `weight @ h` (weight (V, D) fp32 or bf16) that reads an int8 copy of the weight.
 
-    kernel: "onednn" (the activation quantized here, r measured), "dynamic" (torch's dynamic int8
-    linear; the twin the tests tie to it, and the fallback where oneDNN's op is missing), or None for
+    kernel: "c" (this project's AVX512-VNNI kernel, dsv3/kernels/screen_cpu.c, on the activation quantized
+    here, r measured), "onednn" (oneDNN's int8 linear on the same activation), "dynamic" (torch's dynamic
+    int8 linear; the twin the tests tie to them, and the fallback where neither is available), or None for
     the first available."""
 
     def __init__(self, weight: torch.Tensor, kernel: str | None = None):
         if weight.dtype not in DTYPES or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError("GreedyHead needs a 2-D fp32 or bf16 CPU weight")
-        if kernel not in (None, "onednn", "dynamic"):
-            raise ValueError(f"kernel must be None, 'onednn' or 'dynamic', got {kernel!r}")
+        if kernel not in (None, "c", "onednn", "dynamic"):
+            raise ValueError(f"kernel must be None, 'c', 'onednn' or 'dynamic', got {kernel!r}")
         self.weight = weight.detach()  # rescoring reads candidate rows of it
         self.bf16 = weight.dtype == torch.bfloat16
         w = self.weight.float()  # the values (exact for bf16), from which the int8 copy and norms are made
@@ -155,7 +156,15 @@ class GreedyHead:
                          torch.stack(self._factor_chunk).float().contiguous() if n else torch.zeros(3, 0),
                          torch.stack(self._factor_max).float().contiguous())
         self.kernel = self.engine = None
-        ops = _onednn_linear() if kernel in (None, "onednn") else None
+        if kernel in (None, "c") and cpu_kernels.vnni():
+            # this project's AVX512-VNNI kernel (dsv3/kernels/screen_cpu.c) on a copy packed for it
+            self._i8 = cpu_kernels.i8_pack(q.to(torch.int8))
+            self._i8_qsum = q.sum(dim=1).to(torch.int32)
+            self._w_scale = scale.float().contiguous()
+            self.kernel = "c"
+        elif kernel == "c":
+            raise ValueError("kernel 'c' needs the CPU kernels and AVX512-VNNI")
+        ops = _onednn_linear() if kernel in (None, "onednn") and self.kernel is None else None
         if ops is not None:
             try:
                 self._w_packed = ops[0](q.to(torch.int8), [1, D])
@@ -186,22 +195,34 @@ class GreedyHead:
         return (weight.dtype in DTYPES and weight.device.type == "cpu" and weight.dim() == 2
                 and weight.numel() >= MIN_ELEMENTS and (_onednn_linear() is not None or _engine() is not None))
 
-    def _screen(self, h: torch.Tensor):
+    def _screen(self, h: torch.Tensor, scratch: bool = False):
         """h (R, D) fp32 -> approximate logits a (R, V) and the terms (R,) of each row's bound:
-        b_ri = ||e_i||_2 t0_r + ||wq_i||_2 t1_r + L1_i t2_r >= |a_ri - (W h_r)_i|."""
+        b_ri = ||e_i||_2 t0_r + ||wq_i||_2 t1_r + L1_i t2_r >= |a_ri - (W h_r)_i|. scratch: a may be a buffer
+        the next call overwrites (argmax: at 16 rows a fresh 8 MB tensor costs ~1 ms of page faults)."""
         D = h.shape[1]
         h_inf = h.abs().amax(dim=1)
-        if self.kernel == "onednn":
+        if self.kernel in ("onednn", "c"):
             # uint8 with zero point 128 and one fp32 scale xs for every row: the kernel computes
             # a = xs * scale_i * sum_j q_ij (u_j - 128) (exact in int32), so hq = xs (u - 128) is known
             # 8 bits (zero point 128) with VNNI, 7 bits (zero point 64) without: see _vnni
-            zp = 128 if _vnni() else 64
+            zp = 128 if _vnni() or self.kernel == "c" else 64
             xs = float(torch.tensor(float(h_inf.max()) / (zp - 1), dtype=torch.float32))
             if not 0.0 < xs < float("inf"):  # all zero (a = 0, exactly) or not finite (the bound is NaN)
                 xs = 1.0
             u = torch.round(h / xs).add_(zp).clamp_(0, 2 * zp - 1).to(torch.uint8)
-            a = self._linear(u, xs, zp, self._w_packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32,
-                             "none", [None], "")
+            if self.kernel == "c":
+                up = u if D % 4 == 0 else torch.nn.functional.pad(u, (0, -D % 4), value=zp)  # (u - zp) = 0 there
+                buf = None
+                if scratch:
+                    buf = self.__dict__.get("_a_buf")
+                    if buf is None or buf.shape[0] < up.shape[0]:
+                        buf = self._a_buf = torch.empty(up.shape[0], self.weight.shape[0])
+                    buf = buf[:up.shape[0]]
+                a = cpu_kernels.head_i8(up.contiguous(), self._i8, self._i8_qsum, self._w_scale, xs, zp,
+                                        self.weight.shape[0], buf)
+            else:
+                a = self._linear(u, xs, zp, self._w_packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32,
+                                 "none", [None], "")
             # r in float64 is exact up to 2^-53; the factor covers that and the fp32 norm
             r = h.double() - (u.double() - zp) * xs
             rn = r.norm(dim=1).float() * (1 + 2.0 ** -16)
@@ -242,7 +263,7 @@ class GreedyHead:
         # the bound below is computed for the scaled rows, the rescoring uses h itself)
         alpha = h.abs().amax(dim=1, keepdim=True)
         hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-        a, terms = self._screen(hs)  # (R, V)
+        a, terms = self._screen(hs, scratch=True)  # (R, V)
         row_of, ids = self._candidates(a, terms)  # row-major, ascending ids within a row
         self.rows += R
         counts = torch.bincount(row_of, minlength=R)

@@ -136,6 +136,10 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_prefill_attend.argtypes = ([p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, p, p]
                                                 + [i64] * 7 + [f32, i32, i32])
             lib.dsv3_prefill_attend.restype = i32
+            lib.dsv3_i8_pack.argtypes = [p, i64, i64, p]
+            lib.dsv3_i8_pack.restype = None
+            lib.dsv3_head_i8.argtypes = [p, i64, p, p, p, f32, i32, i64, i64, p, i32]
+            lib.dsv3_head_i8.restype = i32
             lib.dsv3_screen_candidates.argtypes = [p] * 5 + [i64] * 3 + [f32, f32, p, p, i64]
             lib.dsv3_screen_candidates.restype = i64
             lib.dsv3_bf16_dot.argtypes = [i32]
@@ -191,6 +195,11 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, i
     """Routed experts of a few tokens: x (T, D), w1/w3 (E, I, D), w2 (E, D, I) contiguous, expert ids idx
     (T, K) and gate weights gw (T, K) -> sum_k gw[t, k] * w2_e (silu(w1_e x_t) * (w3_e x_t)), e = idx[t, k],
     in x's dtype. The caller checks usable()."""
+    return _experts("dsv3_moe", x, w1, w3, w2, idx, gw)
+
+
+def _experts(name: str, x, w1, w3, w2, idx, gw) -> torch.Tensor:
+    """One call of the experts kernel `name` (dsv3_moe or dsv3_moe_gemm: the same arguments)."""
     T, D = x.shape
     E, I, _ = w1.shape
     K = idx.shape[1]
@@ -198,11 +207,12 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, i
     idx = idx.to(torch.int64).contiguous()
     gw = gw.to(torch.float32).contiguous()
     out = torch.empty(T, D, dtype=x.dtype)
-    rc = library().dsv3_moe(x.data_ptr(), w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), idx.data_ptr(), gw.data_ptr(), out.data_ptr(),
-                            T, D, I, K, E, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+    rc = getattr(library(), name)(x.data_ptr(), w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), idx.data_ptr(),
+                                  gw.data_ptr(), out.data_ptr(), T, D, I, K, E, torch.get_num_threads(),
+                                  int(x.dtype == torch.bfloat16))
     if rc == -1:
         raise IndexError(f"expert id out of range [0, {E}) in {idx.tolist()}")
-    _check(rc, "dsv3_moe")
+    _check(rc, name)
     return out
 
 
@@ -257,20 +267,7 @@ def moe_gemm(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tens
              gw: torch.Tensor) -> torch.Tensor:
     """moe()'s values for many tokens, the products as GEMMs over each expert's tokens (the caller checks
     gemm_usable(x, w1, w3, w2))."""
-    T, D = x.shape
-    E, I, _ = w1.shape
-    K = idx.shape[1]
-    x = x.contiguous()
-    idx = idx.to(torch.int64).contiguous()
-    gw = gw.to(torch.float32).contiguous()
-    out = torch.empty(T, D, dtype=x.dtype)
-    rc = library().dsv3_moe_gemm(x.data_ptr(), w1.data_ptr(), w3.data_ptr(), w2.data_ptr(), idx.data_ptr(),
-                                 gw.data_ptr(), out.data_ptr(), T, D, I, K, E, torch.get_num_threads(),
-                                 int(x.dtype == torch.bfloat16))
-    if rc == -1:
-        raise IndexError(f"expert id out of range [0, {E}) in {idx.tolist()}")
-    _check(rc, "dsv3_moe_gemm")
-    return out
+    return _experts("dsv3_moe_gemm", x, w1, w3, w2, idx, gw)
 
 
 def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, pe: torch.Tensor,
@@ -300,6 +297,34 @@ def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
         *kvb.stride()[:3], pe.data_ptr(), *pe.stride()[:2], None if mask is None else mask.data_ptr(),
         out.data_ptr(), B, S, L, H, nope, R, v_dim, scale, torch.get_num_threads(),
         int(q_nope.dtype == torch.bfloat16)), "dsv3_prefill_attend")
+    return out
+
+
+def vnni() -> bool:
+    """Whether head_i8 runs here: the library loads and the CPU has AVX512-VNNI."""
+    return library() is not None and "avx512_vnni" in _cpu_flags()
+
+
+def i8_pack(q: torch.Tensor) -> torch.Tensor:
+    """An int8 matrix (V, D) in head_i8's layout: blocks of 16 rows, [k / 4][16][4] bytes, zero padded."""
+    V, D = q.shape
+    Dp = (D + 3) // 4 * 4
+    out = torch.empty((V + 15) // 16 * 16 * Dp, dtype=torch.int8)
+    library().dsv3_i8_pack(q.contiguous().data_ptr(), V, D, out.data_ptr())
+    return out
+
+
+def head_i8(u: torch.Tensor, packed: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor, xs: float, zp: int,
+            V: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(xs * (q u_r - zp * qsum)) * scale for the rows u (R, Dp) uint8 (zero padded to Dp, a multiple of 4) over
+    the int8 q (V, D) packed by i8_pack; qsum (V,) int32 = q.sum(1), scale (V,) fp32 -> (R, V) fp32, written into
+    `out` when given (contiguous fp32 (R, V)). Every product and sum is exact (int32); the two fp32 scalings
+    round. The caller checks vnni()."""
+    R, Dp = u.shape
+    if out is None:
+        out = torch.empty(R, V, dtype=torch.float32)
+    _check(library().dsv3_head_i8(u.data_ptr(), R, packed.data_ptr(), qsum.data_ptr(), scale.data_ptr(), xs, zp, V,
+                                  Dp, out.data_ptr(), torch.get_num_threads()), "dsv3_head_i8")
     return out
 
 
