@@ -306,3 +306,43 @@ def test_c_candidate_search_equals_its_tensor_twin(kind, dtype):
     t_rows, t_ids = gh._candidates(a, terms)
     assert torch.equal(c_rows, t_rows) and torch.equal(c_ids, t_ids)
     assert 3 not in c_rows.tolist() and c_rows.numel() > 0
+
+
+@pytest.mark.skipif(__import__("dsv3.kernels.cpu", fromlist=["x"]).library() is None, reason="no CPU kernels here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "scaled-rows", "low-rank"])
+def test_c_screen_argmax_equals_its_tensor_twin(kind, dtype):
+    """The whole argmax with the C search and rescoring (the default) and with their tensor-op twins: the same
+    token for every row, alone and 26 rows at once, including exact duplicate rows (ties to the lowest id) and
+    a row that falls back to the full product."""
+    w = weights(kind).to(dtype)
+    w[4000] = w[17]  # an exact tie
+    gh = GreedyHead(w)
+    h = hiddens()
+    h[3, 7] = float("nan")
+    want = {}
+    for search in ("torch", "c"):
+        gh.search = search
+        want[search] = (gh.argmax(h), torch.cat([gh.argmax(h[r:r + 1]) for r in range(h.shape[0])]))
+    assert torch.equal(want["c"][0], want["torch"][0]) and torch.equal(want["c"][1], want["torch"][1])
+    assert torch.equal(want["c"][0], want["c"][1])
+
+
+@pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "scaled-rows", "low-rank"])
+def test_c_quantization_and_bound_terms_hold(kind):
+    """argmax's one-call preparation (kernel "c": rows scaled to max 1, quantized, the bound's terms in C): the
+    approximate logits it leads to are within the bound of the float64 logits of the scaled rows, and its
+    terms are those of the tensor path to fp32 rounding."""
+    w = weights(kind)
+    gh = GreedyHead(w, "c")
+    h = hiddens()
+    hs = h / torch.where(h.abs().amax(1, keepdim=True) > 0, h.abs().amax(1, keepdim=True), torch.ones(1))
+    a, t = gh._screen_c(h)
+    b = sum(f[None].double() * x[:, None].double() for f, x in zip(gh._factors, t))
+    exact = hs.double() @ w.double().t()
+    assert ((a.double() - exact).abs() <= b).all()
+    a2, t2 = gh._screen(hs)
+    assert torch.equal(a, a2)
+    for x, y in zip(t, t2):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-30)  # (a zero norm is rounded up to the least float)

@@ -185,7 +185,8 @@ class GreedyHead:
                 qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
             self.kernel, self.engine = "dynamic", engine
-        # the candidate search: "c" (one kernel call, where the CPU kernels load) or "torch" (its twin)
+        # the candidate search and rescoring: "c" (one kernel call each, where the CPU kernels load) or "torch"
+        # (their twins)
         self.search = "c"
         self.version = version_key(self.weight)
         self.rows = self.candidates = self.fallbacks = 0  # statistics: rows screened, candidates rescored
@@ -206,7 +207,10 @@ class GreedyHead:
             # a = xs * scale_i * sum_j q_ij (u_j - 128) (exact in int32), so hq = xs (u - 128) is known
             # 8 bits (zero point 128) with VNNI, 7 bits (zero point 64) without: see _vnni
             zp = 128 if _vnni() or self.kernel == "c" else 64
-            xs = float(torch.tensor(float(h_inf.max()) / (zp - 1), dtype=torch.float32))
+            # (from the finite rows only: a row that is not finite gets no candidates and its full product
+            # anyway, and must not coarsen the others' quantization)
+            fin = h_inf[torch.isfinite(h_inf)]
+            xs = float(torch.tensor(float(fin.max()) / (zp - 1), dtype=torch.float32)) if fin.numel() else 1.0
             if not 0.0 < xs < float("inf"):  # all zero (a = 0, exactly) or not finite (the bound is NaN)
                 xs = 1.0
             u = torch.round(h / xs).add_(zp).clamp_(0, 2 * zp - 1).to(torch.uint8)
@@ -237,6 +241,17 @@ class GreedyHead:
         c = 0.5 * s * 1.01 + (_ROUNDING + 2 * D * 2.0 ** -24) * (h_inf + s)
         return a, (h.norm(dim=1), torch.zeros_like(c), c)
 
+    def _screen_c(self, h: torch.Tensor):
+        """argmax's scaling and _screen for kernel "c": the quantization and the bound's terms in one C call
+        (norms in float64, rounded up), then the int8 product into the scratch buffer."""
+        R, D = h.shape
+        u, t, xs = cpu_kernels.screen_prepare(h, 128, _ROUNDING + 2 * D * 2.0 ** -24)
+        buf = self.__dict__.get("_a_buf")
+        if buf is None or buf.shape[0] < R:
+            buf = self._a_buf = torch.empty(R, self.weight.shape[0])
+        a = cpu_kernels.head_i8(u, self._i8, self._i8_qsum, self._w_scale, xs, 128, self.weight.shape[0], buf[:R])
+        return a, (t[0], t[1], t[2])
+
     def approx(self, h: torch.Tensor) -> torch.Tensor:
         """(R, D) fp32 -> (R, V) logits from the int8 weight and 8-bit quantized h."""
         return self._screen(h.float().contiguous())[0]
@@ -261,9 +276,12 @@ class GreedyHead:
         # The kernel quantizes all rows with one scale: rows scaled to max |h_r| = 1 each get the
         # resolution of their own range (the argmax of a row does not change under a positive scale;
         # the bound below is computed for the scaled rows, the rescoring uses h itself)
-        alpha = h.abs().amax(dim=1, keepdim=True)
-        hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-        a, terms = self._screen(hs, scratch=True)  # (R, V)
+        if self.kernel == "c" and self.search == "c":
+            a, terms = self._screen_c(h)  # the same in two C calls (their twin: the lines below)
+        else:
+            alpha = h.abs().amax(dim=1, keepdim=True)
+            hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+            a, terms = self._screen(hs, scratch=True)  # (R, V)
         row_of, ids = self._candidates(a, terms)  # row-major, ascending ids within a row
         self.rows += R
         counts = torch.bincount(row_of, minlength=R)
@@ -279,6 +297,12 @@ class GreedyHead:
         if n == 0:
             return out
         self.candidates += n
+        if self.search == "c":  # the rescoring below in one C call (dsv3/kernels/screen_cpu.c), its twin
+            got = cpu_kernels.screen_rescore(h, self.weight, row_of, ids, self.l1)
+            if got is not None:
+                keep = counts > 0  # rows that fell back above have count 0
+                out[keep] = got[keep]
+                return out
         # One gather of every row's candidates, then one GEMV per row on its slice (a product of all
         # candidates with all rows would multiply R times the weights needed)
         wc = self.weight.index_select(0, ids).float()  # (n, D)

@@ -140,6 +140,10 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_i8_pack.restype = None
             lib.dsv3_head_i8.argtypes = [p, i64, p, p, p, f32, i32, i64, i64, p, i32]
             lib.dsv3_head_i8.restype = i32
+            lib.dsv3_screen_prepare.argtypes = [p, i64, i64, i64, i32, f32, p, p]
+            lib.dsv3_screen_prepare.restype = f32
+            lib.dsv3_screen_rescore.argtypes = [p, i64, i64, p, i32, p, p, i64, p, p]
+            lib.dsv3_screen_rescore.restype = i32
             lib.dsv3_screen_candidates.argtypes = [p] * 5 + [i64] * 3 + [f32, f32, p, p, i64]
             lib.dsv3_screen_candidates.restype = i64
             lib.dsv3_bf16_dot.argtypes = [i32]
@@ -346,6 +350,37 @@ def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tenso
     if n < 0:
         return None
     return row_of[:n], ids[:n]
+
+
+def screen_prepare(h: torch.Tensor, zp: int, rounding: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """GreedyHead.argmax's quantization for head_i8 in one call: h (R, D) fp32 -> u (R, Dp) uint8 (each row
+    scaled to max |h| = 1, one scale xs for the finite rows, zero point zp, Dp = D rounded up to 4), the bound's
+    terms (3, R) fp32 (NaN for a row that is not finite) and xs. The caller checks vnni()."""
+    h = h.contiguous()
+    R, D = h.shape
+    Dp = (D + 3) // 4 * 4
+    u = torch.empty(R, Dp, dtype=torch.uint8)
+    terms = torch.empty(3, R, dtype=torch.float32)
+    xs = library().dsv3_screen_prepare(h.data_ptr(), R, D, Dp, zp, rounding, u.data_ptr(), terms.data_ptr())
+    return u, terms, xs
+
+
+def screen_rescore(h: torch.Tensor, weight: torch.Tensor, row_of: torch.Tensor, ids: torch.Tensor,
+                   l1: torch.Tensor) -> torch.Tensor | None:
+    """GreedyHead.argmax's rescoring (dsv3/infer/screen.py) in one call: h (R, D) fp32, the head weight (V, D)
+    fp32 or bf16, the candidates (row_of, ids) int64 and the rows' L1 norms l1 (V,) fp32 -> (R,) int64 tokens,
+    -1 for a row without candidates; None where the library or these tensors do not fit."""
+    lib = library()
+    if (lib is None or weight.dtype not in DTYPES or not weight.is_contiguous() or h.dtype != torch.float32
+            or l1.dtype != torch.float32):
+        return None
+    h, row_of, ids, l1 = h.contiguous(), row_of.contiguous(), ids.contiguous(), l1.contiguous()
+    R, D = h.shape
+    out = torch.empty(R, dtype=torch.int64)
+    _check(lib.dsv3_screen_rescore(h.data_ptr(), R, D, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                                   row_of.data_ptr(), ids.data_ptr(), ids.numel(), l1.data_ptr(), out.data_ptr()),
+           "dsv3_screen_rescore")
+    return out
 
 
 # Up to how many rows the per-layer pieces of a decode step (norms, rotations, attention) take the kernels:

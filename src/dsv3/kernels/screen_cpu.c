@@ -237,3 +237,126 @@ int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qs
     }
     return run_threads(i8_run, jobs, sizeof(i8_t), nthreads);
 }
+
+/* ------------------------------------------------------------------ the candidates' exact logits */
+
+/* sum_j w[j] h[j] in fp32 (w fp32 or bf16), 16 lanes then one fixed tree */
+static inline float dot_row(const void *w, int bf, const float *h, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < D; k += 16) {
+        __mmask16 m = D - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - k)) - 1);
+        acc = _mm512_fmadd_ps(loadw_mask(w, k, m, bf), _mm512_maskz_loadu_ps(m, h + k), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* GreedyHead.argmax's rescoring (dsv3/infer/screen.py) of the candidates (row_of, ids: row-major, ascending ids
+ * within a row) of the rows h (R, D) fp32 over the head w (V, D), fp32 (bf = 0) or bf16 (bf = 1):
+ * bf16: the candidates' fp32 logits rounded to bf16, the lowest id among the largest; fp32: the largest fp32
+ * logit, and where others lie within the fp32 rounding bound tol = 2 D 2^-24 max(l1) max|h_r| of it, those
+ * compared in float64, the lowest id among equal ones. out[r] = the token, or -1 for a row without candidates.
+ * Returns 0, or -2 when memory could not be had. */
+int dsv3_screen_rescore(const float *h, int64_t R, int64_t D, const void *w, int bf, const int64_t *row_of,
+                        const int64_t *ids, int64_t n, const float *l1, int64_t *out) {
+    const int64_t es = bf ? 2 : 4;
+    float *ex = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!ex) return -2;
+    for (int64_t r = 0; r < R; r++) out[r] = -1;
+    for (int64_t q0 = 0; q0 < n;) {
+        const int64_t r = row_of[q0];
+        int64_t q1 = q0;
+        while (q1 < n && row_of[q1] == r) q1++;
+        const float *hr = h + r * D;
+        float best = -INFINITY, l1max = 0.0f, hmax = 0.0f;
+        int64_t pick = -1;
+        for (int64_t q = q0; q < q1; q++) {
+            float v = dot_row((const char *)w + ids[q] * D * es, bf, hr, D);
+            if (bf) v = round_bf(v);
+            ex[q] = v;
+            if (pick < 0 || v > best) { best = v; pick = ids[q]; } /* first of the largest: the lowest id */
+            l1max = l1[ids[q]] > l1max ? l1[ids[q]] : l1max;
+        }
+        if (!bf) {
+            for (int64_t j = 0; j < D; j++) hmax = fabsf(hr[j]) > hmax ? fabsf(hr[j]) : hmax;
+            const float tol = (float)(2.0 * (double)D * 0x1p-24) * l1max * hmax;
+            int64_t near = 0;
+            for (int64_t q = q0; q < q1; q++) near += ex[q] >= best - tol;
+            if (near > 1) { /* float64 among the near ones */
+                double bd = -INFINITY;
+                pick = -1;
+                for (int64_t q = q0; q < q1; q++) {
+                    if (!(ex[q] >= best - tol)) continue;
+                    const float *wr = (const float *)w + ids[q] * D;
+                    double s = 0.0;
+                    for (int64_t j = 0; j < D; j++) s += (double)wr[j] * (double)hr[j];
+                    if (pick < 0 || s > bd) { bd = s; pick = ids[q]; }
+                }
+            }
+        }
+        out[r] = pick;
+        q0 = q1;
+    }
+    free(ex);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the quantized activation and the bound's terms */
+
+/* GreedyHead.argmax's preparation for the int8 product (dsv3/infer/screen.py: each row scaled to max |h| = 1,
+ * one uint8 scale xs for all finite rows, zero point zp), in one pass: h (R, D) fp32 -> u (R, Dp) uint8 (Dp >= D,
+ * the padding u = zp: (u - zp) = 0), the bound's terms t (3, R): ||hs||_2 (float64, rounded up), ||r||_2 (r = hs -
+ * (u - zp) xs in float64, times 1 + 2^-16) and c (|hs|_inf + xs) with c = rounding; returns xs. A row that is not
+ * finite gets NaN terms (no candidates: the caller computes it in full). */
+float dsv3_screen_prepare(const float *h, int64_t R, int64_t D, int64_t Dp, int32_t zp, float rounding, uint8_t *u,
+                          float *t) {
+    double fmax = -1.0;
+    for (int64_t r = 0; r < R; r++) { /* the scaled rows' maxima are 1 (0 for a zero row, NaN if not finite) */
+        const float *hr = h + r * D;
+        float a = 0.0f;
+        int fin = 1;
+        for (int64_t j = 0; j < D; j++) {
+            float v = fabsf(hr[j]);
+            fin &= isfinite(v) != 0;
+            a = v > a ? v : a;
+        }
+        if (fin) {
+            float m = 0.0f;
+            for (int64_t j = 0; j < D; j++) {
+                float v = fabsf(a > 0 ? hr[j] / a : hr[j]);
+                m = v > m ? v : m;
+            }
+            fmax = m > fmax ? m : fmax;
+        }
+    }
+    float xs = fmax >= 0 ? (float)(fmax / (double)(zp - 1)) : 1.0f;
+    if (!(xs > 0.0f) || isinf(xs)) xs = 1.0f;
+    for (int64_t r = 0; r < R; r++) {
+        const float *hr = h + r * D;
+        uint8_t *ur = u + r * Dp;
+        float a = 0.0f;
+        for (int64_t j = 0; j < D; j++) a = fabsf(hr[j]) > a ? fabsf(hr[j]) : a;
+        double n2 = 0.0, r2 = 0.0;
+        float inf_norm = 0.0f;
+        int fin = 1;
+        for (int64_t j = 0; j < D; j++) {
+            float hs = a > 0 ? hr[j] / a : hr[j];
+            fin &= isfinite(hs) != 0;
+            float q = nearbyintf(hs / xs) + (float)zp; /* round half to even, as torch.round */
+            q = q < 0.0f ? 0.0f : q > (float)(2 * zp - 1) ? (float)(2 * zp - 1) : q;
+            ur[j] = fin ? (uint8_t)q : (uint8_t)zp;
+            double e = (double)hs - ((double)ur[j] - zp) * (double)xs;
+            n2 += (double)hs * (double)hs;
+            r2 += e * e;
+            inf_norm = fabsf(hs) > inf_norm ? fabsf(hs) : inf_norm;
+        }
+        for (int64_t j = D; j < Dp; j++) ur[j] = (uint8_t)zp;
+        if (!fin || !(a < INFINITY)) {
+            t[r] = t[R + r] = t[2 * R + r] = NAN;
+            continue;
+        }
+        t[r] = nextafterf((float)sqrt(n2), INFINITY); /* at least the exact norm */
+        t[R + r] = nextafterf((float)sqrt(r2), INFINITY) * (1.0f + 0x1p-16f);
+        t[2 * R + r] = rounding * (inf_norm + xs);
+    }
+    return xs;
+}
