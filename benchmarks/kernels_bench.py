@@ -6,6 +6,7 @@ and with PyTorch's paths, same process, same weights, alternating rounds.
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab fused       # the fused blocks alone
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-dot    # vdpbf16ps against widening
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab prefill --prompt-len 512   # the prefill kernels
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab screen      # the greedy head screen's C kernels
 
 What is switched off and on (--ab):
   kernels   every kernel (off: PyTorch's paths);
@@ -15,7 +16,10 @@ What is switched off and on (--ab):
   prefill   the many-row kernels (dsv3.kernels.cpu.prefill_paths: bf16 GEMMs, routed experts of many tokens,
             prefill attention, RMSNorm of any row count; off: PyTorch's GEMMs, grouped_mm and SDPA). This
             one times a prefill instead: `batch` prompts of --prompt-len tokens through the model, the
-            logits of the last position only (as dsv3 bench times it), prefill tokens/s.
+            logits of the last position only (as dsv3 bench times it), prefill tokens/s;
+  screen    the greedy head screen's own kernels (dsv3/kernels/screen_cpu.c: the AVX512-VNNI int8 product,
+            quantization, candidate search and rescoring; off: oneDNN's int8 linear and the tensor-op
+            twins, the screen as it was before them).
 
 For each batch size: aggregate decode tokens/s (time after every prefill; process CPU time at 1
 thread, wall time otherwise) off and on, and the median of the per-round on/off ratios (the machines
@@ -60,7 +64,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "prefill"],
+    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "prefill", "screen"],
                    help="what is switched off and on (default: every kernel)")
     args = p.parse_args(argv)
     if cpu.library() is None:
@@ -74,9 +78,19 @@ def main(argv=None):
     if args.ab == "bf16-dot" and not cpu.bf16_dot():
         raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
     library, mla_block, dot, pre = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths()
+    heads = None
+    if args.ab == "screen":
+        from dsv3.infer.screen import GreedyHead, greedy_head
+
+        if greedy_head(model) is None or not cpu.vnni():
+            raise SystemExit("--ab screen: no head screen here (a small vocabulary) or no AVX512-VNNI")
+        heads = {True: GreedyHead(model.head.weight, "c"), False: GreedyHead(model.head.weight, "onednn")}
+        heads[False].search = "torch"
 
     def switch(on: bool):
-        if args.ab == "kernels":
+        if args.ab == "screen":  # the model's screen, as greedy_head() keeps it
+            model.__dict__["_greedy_head"] = heads[on]
+        elif args.ab == "kernels":
             cpu.library = library if on else (lambda: None)
         elif args.ab == "fused":  # the FFN half is fused only after the attention half
             cpu.mla_block = mla_block if on else (lambda *a: None)
@@ -86,6 +100,8 @@ def main(argv=None):
             cpu.bf16_dot(on)
 
     def restore():
+        if heads is not None:
+            model.__dict__["_greedy_head"] = heads[True]
         cpu.library, cpu.mla_block = library, mla_block
         cpu.bf16_dot(dot)
         cpu.prefill_paths(pre)

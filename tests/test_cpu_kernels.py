@@ -252,23 +252,22 @@ def test_engine_tokens_with_and_without_kernels(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot"])
-def test_kernels_bench_runs(capsys, ab):
+@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot", "screen"])
+def test_kernels_bench_runs(capsys, monkeypatch, load_benchmark, ab):
     """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset, for each thing
-    it switches; fp32, so the greedy tokens must agree off and on."""
-    import importlib.util
+    it switches (for "screen", the head screen let onto the tiny head); fp32, so the greedy tokens must agree
+    off and on."""
+    import dsv3.infer.screen as screen
 
     if ab == "bf16-dot" and not cpu.bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16")
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_bench.py")
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    threads, library, mla_block, dot = torch.get_num_threads(), cpu.library, cpu.mla_block, cpu.bf16_dot()
-    try:
-        mod.main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4", "--ab", ab])
-    finally:
-        torch.set_num_threads(threads)
+    if ab == "screen":
+        if not cpu.vnni() or screen._onednn_linear() is None:
+            pytest.skip("needs AVX512-VNNI and oneDNN's int8 linear")
+        monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
+    library, mla_block, dot = cpu.library, cpu.mla_block, cpu.bf16_dot()
+    load_benchmark("kernels_bench").main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4",
+                                          "--ab", ab])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
     # the A/B put everything back
@@ -276,20 +275,12 @@ def test_kernels_bench_runs(capsys, ab):
 
 
 @needs_kernels
-def test_kernels_bench_prefill_ab_runs(capsys):
+def test_kernels_bench_prefill_ab_runs(capsys, load_benchmark):
     """--ab prefill (the A/B behind docs/engine.md's prefill figures) on the tiny preset: fp32 logits off and
     on within fp32 rounding, and the switch put back."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels_bench.py")
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    threads, before = torch.get_num_threads(), cpu.prefill_paths()
-    try:
-        mod.main(["--preset", "tiny", "--batch", "1", "2", "--rounds", "2", "--prompt-len", "24", "--ab", "prefill"])
-    finally:
-        torch.set_num_threads(threads)
+    before = cpu.prefill_paths()
+    load_benchmark("kernels_bench").main(["--preset", "tiny", "--batch", "1", "2", "--rounds", "2", "--prompt-len", "24",
+                                          "--ab", "prefill"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and all(float(r.rstrip(" |").rsplit("|", 1)[1]) < 1e-4 for r in rows)
     assert cpu.prefill_paths() == before

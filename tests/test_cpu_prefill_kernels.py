@@ -240,3 +240,11 @@ def test_dense_mlp_takes_the_experts_kernel_unless_hooked(monkeypatch):
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
     assert fired == [1] and calls["moe_gemm"] == 1  # the hooked call ran the modules (their GEMMs: the kernel's)
     assert (hooked.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+
+
+def test_gemm_bench_runs(capsys, load_benchmark):
+    """benchmarks/gemm_bench.py (behind docs/engine.md's GEMM figures) on two small shapes: a row per shape with
+    every timing and ratio."""
+    load_benchmark("gemm_bench").main(["--rounds", "2", "--shapes", "20,32,48;7,16,70"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 20 x") or r.startswith("| 7 x")]
+    assert len(rows) == 2 and all(len(r.strip("|").split("|")) == 8 for r in rows)

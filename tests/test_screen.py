@@ -346,3 +346,17 @@ def test_c_quantization_and_bound_terms_hold(kind):
     assert torch.equal(a, a2)
     for x, y in zip(t, t2):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-30)  # (a zero norm is rounded up to the least float)
+
+
+@pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
+def test_screen_is_rebuilt_when_its_c_kernel_goes_away(monkeypatch):
+    """A screen built on kernel "c" is stale once the CPU kernels are switched off (an A/B benchmark does
+    that at run time): greedy_head() builds it again on another kernel instead of calling a missing library."""
+    monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
+    model = tiny_model()
+    assert screen.greedy_head(model).kernel == "c"
+    monkeypatch.setattr(screen.cpu_kernels, "library", lambda: None)
+    gh = screen.greedy_head(model)
+    assert gh.kernel in ("onednn", "dynamic")
+    h = torch.randn(2, model.config.hidden_size)
+    assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, model.head.weight).argmax(-1))

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 
 import torch
 
@@ -88,12 +87,7 @@ def _vnni() -> bool:
     activations (up to 255 x 127 x 2) can overflow, 7-bit ones (127 x 127 x 2 = 32,258) cannot, so
     the screen quantizes to 7 bits there (oneDNN's documented advice; torch's reduce_range). Unknown
     (no /proc/cpuinfo) counts as no VNNI."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_kernels.cpu_flags())
 
 
 def _onednn_linear():
@@ -196,10 +190,9 @@ class GreedyHead:
         return (weight.dtype in DTYPES and weight.device.type == "cpu" and weight.dim() == 2
                 and weight.numel() >= MIN_ELEMENTS and (_onednn_linear() is not None or _engine() is not None))
 
-    def _screen(self, h: torch.Tensor, scratch: bool = False):
+    def _screen(self, h: torch.Tensor):
         """h (R, D) fp32 -> approximate logits a (R, V) and the terms (R,) of each row's bound:
-        b_ri = ||e_i||_2 t0_r + ||wq_i||_2 t1_r + L1_i t2_r >= |a_ri - (W h_r)_i|. scratch: a may be a buffer
-        the next call overwrites (argmax: at 16 rows a fresh 8 MB tensor costs ~1 ms of page faults)."""
+        b_ri = ||e_i||_2 t0_r + ||wq_i||_2 t1_r + L1_i t2_r >= |a_ri - (W h_r)_i|."""
         D = h.shape[1]
         h_inf = h.abs().amax(dim=1)
         if self.kernel in ("onednn", "c"):
@@ -216,14 +209,8 @@ class GreedyHead:
             u = torch.round(h / xs).add_(zp).clamp_(0, 2 * zp - 1).to(torch.uint8)
             if self.kernel == "c":
                 up = u if D % 4 == 0 else torch.nn.functional.pad(u, (0, -D % 4), value=zp)  # (u - zp) = 0 there
-                buf = None
-                if scratch:
-                    buf = self.__dict__.get("_a_buf")
-                    if buf is None or buf.shape[0] < up.shape[0]:
-                        buf = self._a_buf = torch.empty(up.shape[0], self.weight.shape[0])
-                    buf = buf[:up.shape[0]]
                 a = cpu_kernels.head_i8(up.contiguous(), self._i8, self._i8_qsum, self._w_scale, xs, zp,
-                                        self.weight.shape[0], buf)
+                                        self.weight.shape[0])
             else:
                 a = self._linear(u, xs, zp, self._w_packed, self._w_scale, self._w_zp, None, 1.0, 0, torch.float32,
                                  "none", [None], "")
@@ -243,13 +230,9 @@ class GreedyHead:
 
     def _screen_c(self, h: torch.Tensor):
         """argmax's scaling and _screen for kernel "c": the quantization and the bound's terms in one C call
-        (norms in float64, rounded up), then the int8 product into the scratch buffer."""
-        R, D = h.shape
-        u, t, xs = cpu_kernels.screen_prepare(h, 128, _ROUNDING + 2 * D * 2.0 ** -24)
-        buf = self.__dict__.get("_a_buf")
-        if buf is None or buf.shape[0] < R:
-            buf = self._a_buf = torch.empty(R, self.weight.shape[0])
-        a = cpu_kernels.head_i8(u, self._i8, self._i8_qsum, self._w_scale, xs, 128, self.weight.shape[0], buf[:R])
+        (norms in float64, rounded up), then the int8 product."""
+        u, t, xs = cpu_kernels.screen_prepare(h, 128, _ROUNDING + 2 * h.shape[1] * 2.0 ** -24)
+        a = cpu_kernels.head_i8(u, self._i8, self._i8_qsum, self._w_scale, xs, 128, self.weight.shape[0])
         return a, (t[0], t[1], t[2])
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
@@ -281,7 +264,7 @@ class GreedyHead:
         else:
             alpha = h.abs().amax(dim=1, keepdim=True)
             hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-            a, terms = self._screen(hs, scratch=True)  # (R, V)
+            a, terms = self._screen(hs)  # (R, V)
         row_of, ids = self._candidates(a, terms)  # row-major, ascending ids within a row
         self.rows += R
         counts = torch.bincount(row_of, minlength=R)
@@ -401,7 +384,9 @@ class GreedyHead:
         return row_of[keep], ids[keep]
 
     def stale(self, weight: torch.Tensor) -> bool:
-        return version_key(weight) != self.version
+        """Whether to build it again: the weight changed, or its kernel "c" can no longer be had (the CPU kernels
+        switched off since, e.g. by an A/B benchmark)."""
+        return version_key(weight) != self.version or (self.kernel == "c" and not cpu_kernels.vnni())
 
 
 @contextlib.contextmanager

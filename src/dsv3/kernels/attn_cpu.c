@@ -19,16 +19,6 @@
  */
 #include "common.h"
 
-static inline void widen(const void *src, int bf, int64_t n, float *dst) {
-    if (!bf) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-        return;
-    }
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, loadw(src, i, 1));
-    if (i < n) _mm512_mask_storeu_ps(dst + i, (__mmask16)((1u << (n - i)) - 1), loadw_mask(src, i, (__mmask16)((1u << (n - i)) - 1), 1));
-}
-
 static inline void store(void *dst, int bf, int64_t i, float v) {
     if (bf) ((uint16_t *)dst)[i] = f2bf(v);
     else ((float *)dst)[i] = v;
@@ -40,20 +30,6 @@ static void add_rows(const void *x, const void *y, void *out, int64_t n, int bf)
         if (bf) ((uint16_t *)out)[i] = f2bf(bf2f(((const uint16_t *)x)[i]) + bf2f(((const uint16_t *)y)[i]));
         else ((float *)out)[i] = ((const float *)x)[i] + ((const float *)y)[i];
     }
-}
-
-static inline __mmask16 tail(int64_t n) { return (__mmask16)((1u << n) - 1); }
-
-/* sum_i a[i] w[i] for fp32 a and w of dtype bf, 16 lanes, fixed order */
-static inline float dot_w(const float *a, const void *w, int64_t n, int bf) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), loadw(w, k, bf), acc);
-    if (k < n) {
-        __mmask16 m = tail(n - k);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), loadw_mask(w, k, m, bf), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
 }
 
 /* y[0..m) = sum_i x[i] W[i][0..m) for W (n, m) row-major: 4 column blocks of 16 at a time, their sums kept in
@@ -76,7 +52,7 @@ static inline void vecmat(const float *x, const float *W, int64_t n, int64_t m, 
         _mm512_storeu_ps(y + j + 48, a3);
     }
     for (; j < m; j += 16) {
-        __mmask16 k = m - j < 16 ? tail(m - j) : (__mmask16)0xffff;
+        __mmask16 k = lanes(m - j);
         __m512 a = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) a = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_maskz_loadu_ps(k, W + i * m + j), a);
         _mm512_mask_storeu_ps(y + j, k, a);
@@ -107,7 +83,7 @@ static void *norm_run(void *arg) {
         const __m512 rv = _mm512_set1_ps(r);
         for (int64_t i = 0; i < j->D; i += 16) {
             int64_t n = j->D - i < 16 ? j->D - i : 16;
-            __mmask16 k = (__mmask16)((1u << n) - 1);
+            __mmask16 k = lanes(n);
             __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xf + i), rv);
             if (j->bf) y = round_bf16(y); /* the normalised x is rounded to the activation dtype first */
             y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, wf + i), y);

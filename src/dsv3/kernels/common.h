@@ -97,6 +97,31 @@ static inline __m512 vexp(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
 }
 
+/* the first n of 16 lanes (all 16 for n >= 16, none for n <= 0) */
+static inline __mmask16 lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* dst[0..n) = src[0..n) as fp32 (bf16 widened exactly, fp32 copied) */
+static inline void widen(const void *src, int bf, int64_t n, float *dst) {
+    if (!bf) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, loadw(src, i, 1));
+    if (i < n) _mm512_mask_storeu_ps(dst + i, lanes(n - i), loadw_mask(src, i, lanes(n - i), 1));
+}
+
+/* sum_i a[i] w[i] for fp32 a and w of dtype bf: 16 lanes, then one fixed tree */
+static inline float dot_w(const float *a, const void *w, int64_t n, int bf) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), loadw(w, k, bf), acc);
+    if (k < n) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(n - k), a + k), loadw_mask(w, k, lanes(n - k), bf), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
 static inline void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *lo = n * t / nt;
     *hi = n * (t + 1) / nt;

@@ -32,15 +32,17 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fPIC", "-sh
 _reason: str | None = None
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (read once; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cache_dir() -> str:
@@ -102,7 +104,7 @@ def library() -> ctypes.CDLL | None:
         _reason = "disabled by DSV3_CPU_KERNELS=0"
     elif platform.machine().lower() not in ("x86_64", "amd64"):
         _reason = f"not an x86-64 CPU ({platform.machine()})"
-    elif not {"avx512f", "avx512bw", "avx512vl", "fma"} <= _cpu_flags():
+    elif not {"avx512f", "avx512bw", "avx512vl", "fma"} <= cpu_flags():
         _reason = "the CPU lacks AVX-512 (F, BW and VL)"
     elif (cc := _compiler()) is None:
         _reason = "no C compiler (cc, gcc or clang) on PATH"
@@ -232,7 +234,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_PREFILL = [True]
+_prefill = True
 
 
 def prefill_paths(on: bool | None = None) -> bool:
@@ -240,16 +242,17 @@ def prefill_paths(on: bool | None = None) -> bool:
     the routed experts of many tokens (moe_gemm), prefill attention (prefill_attend), RMSNorm and rotary
     embedding of any row count; `on` sets it (for A/B comparisons: benchmarks/kernels_bench.py --ab prefill).
     Returns the setting before the call."""
-    prev = _PREFILL[0]
+    global _prefill
+    prev = _prefill
     if on is not None:
-        _PREFILL[0] = bool(on)
+        _prefill = bool(on)
     return prev
 
 
 def gemm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the many-row kernels (gemm, moe_gemm, prefill_attend) take x with these weights: usable() with
     prefill_paths() on."""
-    return _PREFILL[0] and usable(x, *weights)
+    return _prefill and usable(x, *weights)
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -306,7 +309,7 @@ def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
 
 def vnni() -> bool:
     """Whether head_i8 runs here: the library loads and the CPU has AVX512-VNNI."""
-    return library() is not None and "avx512_vnni" in _cpu_flags()
+    return library() is not None and "avx512_vnni" in cpu_flags()
 
 
 def i8_pack(q: torch.Tensor) -> torch.Tensor:
@@ -319,14 +322,12 @@ def i8_pack(q: torch.Tensor) -> torch.Tensor:
 
 
 def head_i8(u: torch.Tensor, packed: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor, xs: float, zp: int,
-            V: int, out: torch.Tensor | None = None) -> torch.Tensor:
+            V: int) -> torch.Tensor:
     """(xs * (q u_r - zp * qsum)) * scale for the rows u (R, Dp) uint8 (zero padded to Dp, a multiple of 4) over
-    the int8 q (V, D) packed by i8_pack; qsum (V,) int32 = q.sum(1), scale (V,) fp32 -> (R, V) fp32, written into
-    `out` when given (contiguous fp32 (R, V)). Every product and sum is exact (int32); the two fp32 scalings
-    round. The caller checks vnni()."""
+    the int8 q (V, D) packed by i8_pack; qsum (V,) int32 = q.sum(1), scale (V,) fp32 -> (R, V) fp32. Every
+    product and sum is exact (int32); the two fp32 scalings round. The caller checks vnni()."""
     R, Dp = u.shape
-    if out is None:
-        out = torch.empty(R, V, dtype=torch.float32)
+    out = torch.empty(R, V, dtype=torch.float32)
     _check(library().dsv3_head_i8(u.data_ptr(), R, packed.data_ptr(), qsum.data_ptr(), scale.data_ptr(), xs, zp, V,
                                   Dp, out.data_ptr(), torch.get_num_threads()), "dsv3_head_i8")
     return out
@@ -342,14 +343,14 @@ def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tenso
     if lib is None or a.dtype != torch.float32 or a.dim() != 2 or not a.is_contiguous():
         return None
     R, V = a.shape
-    cap = R * 4096
-    row_of, ids = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)
-    n = lib.dsv3_screen_candidates(a.data_ptr(), terms.data_ptr(), factors.data_ptr(), chunk_factors.data_ptr(),
-                                   factor_max.data_ptr(), R, V, chunk, band, eps, row_of.data_ptr(), ids.data_ptr(),
-                                   cap)
-    if n < 0:
-        return None
-    return row_of[:n], ids[:n]
+    for cap in (R * 256, R * 4096):  # a few dozen candidates a row is the rule; room for more on a second try
+        row_of, ids = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)
+        n = lib.dsv3_screen_candidates(a.data_ptr(), terms.data_ptr(), factors.data_ptr(), chunk_factors.data_ptr(),
+                                       factor_max.data_ptr(), R, V, chunk, band, eps, row_of.data_ptr(),
+                                       ids.data_ptr(), cap)
+        if n >= 0:
+            return row_of[:n], ids[:n]
+    return None
 
 
 def screen_prepare(h: torch.Tensor, zp: int, rounding: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -362,6 +363,8 @@ def screen_prepare(h: torch.Tensor, zp: int, rounding: float) -> tuple[torch.Ten
     u = torch.empty(R, Dp, dtype=torch.uint8)
     terms = torch.empty(3, R, dtype=torch.float32)
     xs = library().dsv3_screen_prepare(h.data_ptr(), R, D, Dp, zp, rounding, u.data_ptr(), terms.data_ptr())
+    if xs != xs:
+        raise MemoryError("dsv3_screen_prepare: out of memory")
     return u, terms, xs
 
 
@@ -406,18 +409,24 @@ def _rows(x: torch.Tensor) -> tuple[int, int] | None:
     return (x.numel() // D if D else 0), (D if stride is None else stride)
 
 
+def _row_count(x: torch.Tensor, *weights: torch.Tensor) -> int:
+    """x's number of evenly spaced rows where usable(x, *weights), else 0."""
+    if not usable(x, *weights):
+        return 0
+    r = _rows(x)
+    return r[0] if r is not None else 0
+
+
 def rows_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """usable() for a kernel over x's rows (rmsnorm, rotary): evenly spaced rows, at least one, and beyond
     STEP_MAX_ROWS only with prefill_paths() on."""
-    if not usable(x, *weights):
-        return False
-    r = _rows(x)
-    return r is not None and 0 < r[0] and (r[0] <= STEP_MAX_ROWS or _PREFILL[0])
+    n = _row_count(x, *weights)
+    return 0 < n and (n <= STEP_MAX_ROWS or _prefill)
 
 
 def step_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """usable() for the per-layer pieces: also few enough rows, evenly spaced."""
-    return rows_usable(x, *weights) and _rows(x)[0] <= STEP_MAX_ROWS
+    return 0 < _row_count(x, *weights) <= STEP_MAX_ROWS
 
 
 def _check(rc: int, name: str):

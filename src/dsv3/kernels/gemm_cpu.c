@@ -6,8 +6,9 @@
  * values), then a register tile of up to MR rows x NR columns runs through the panel with FMAs, each row's x[k]
  * broadcast to every lane. A sum is sum_k x[k] w[k] in ascending k, in fp32 (products of bf16 values are exact
  * in fp32), whatever the other rows or the tiling (batch-invariant). On the CPUs this project measures, PyTorch's
- * CPU bf16 GEMM runs at about half its fp32 rate and vdpbf16ps at under half the FMA rate, so bf16 products are
- * fp32 FMAs on widened values here (docs/engine.md, "Prefill kernels"). */
+ * CPU bf16 GEMM is ~1.8x slower than its fp32 one (benchmarks/gemm_bench.py) and vdpbf16ps dot products gain
+ * nothing over widening (benchmarks/kernels_bench.py --ab bf16-dot), so bf16 products are fp32 FMAs on widened
+ * values here (docs/engine.md, "Prefill kernels"). */
 #include "common.h"
 
 #define NR 64 /* columns per panel: four vectors */
@@ -47,7 +48,7 @@ static void pack_panel(const void *w, int64_t K, int64_t n0, int64_t nn, int bf,
     for (int64_t j0 = 0; j0 < NR; j0 += 16)
         for (int64_t k0 = 0; k0 < K; k0 += 16) {
             int64_t kn = K - k0 < 16 ? K - k0 : 16;
-            __mmask16 km = (__mmask16)((1u << kn) - 1);
+            __mmask16 km = lanes(kn);
             for (int j = 0; j < 16; j++)
                 r[j] = j0 + j < nn ? loadw_mask((const char *)w + (n0 + j0 + j) * K * es, k0, km, bf) : _mm512_setzero_ps();
             transpose16(r);
@@ -57,7 +58,7 @@ static void pack_panel(const void *w, int64_t K, int64_t n0, int64_t nn, int bf,
 
 /* store n <= 16 values of v at o + i (bf16, rounded, or fp32) */
 static inline void store16(void *o, int64_t i, __m512 v, int64_t n, int bf) {
-    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __mmask16 m = lanes(n);
     if (bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, m, to_bf16(v));
     else _mm512_mask_storeu_ps((float *)o + i, m, v);
 }
@@ -94,18 +95,6 @@ typedef void (*tile_fn)(const float *const *, const float *, int64_t, int64_t, v
 static const tile_fn TILES[2][MR + 1] = {{NULL, tile_1_0, tile_2_0, tile_3_0, tile_4_0, tile_5_0, tile_6_0},
                                          {NULL, tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1}};
 
-/* row m of x (K values, fp32 or bf16) as fp32 at dst */
-static inline void widen_row(const void *x, int bf, int64_t K, float *dst) {
-    if (!bf) {
-        memcpy(dst, x, (size_t)K * sizeof(float));
-        return;
-    }
-    for (int64_t k = 0; k < K; k += 16) {
-        __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        _mm512_mask_storeu_ps(dst + k, m, loadw_mask(x, k, m, 1));
-    }
-}
-
 /* ------------------------------------------------------------------ out = x w^T */
 
 /* one product over rows already widened to fp32: row m of a is a + m * K; row m of out is out + m * ldo */
@@ -139,14 +128,19 @@ static void *gemm_run(void *arg) {
     return NULL;
 }
 
-/* out = x w^T with row m of x at x + (rows ? rows[m] / rdiv : m) * ldx (elements), using the scratch a (M * K
- * floats: the rows widened) and buf (nthreads * K * NR floats: the panels). The threads take whole panels
- * where there are enough, else rows (each packing every panel). */
-static int gemm_in(const void *x, int64_t ldx, const int64_t *rows, int64_t rdiv, const void *w, void *out,
-                   int64_t ldo, int64_t M, int64_t K, int64_t N, int nthreads, int bf, float *a, float *buf) {
+/* a (M, K) fp32 = the rows of x, row m at x + (rows ? rows[m] / rdiv : m) * ldx (elements), widened */
+static void widen_rows(const void *x, int64_t ldx, const int64_t *rows, int64_t rdiv, int64_t M, int64_t K, int bf,
+                       float *a) {
+    const int64_t es = bf ? 2 : 4;
+    for (int64_t m = 0; m < M; m++) widen((const char *)x + (rows ? rows[m] / rdiv : m) * ldx * es, bf, K, a + m * K);
+}
+
+/* out = a w^T for rows a (M, K) already widened (widen_rows), using buf (nthreads * K * NR floats: the panels). The
+ * threads take whole panels where there are enough, else rows (each packing every panel). */
+static int gemm_widened(const float *a, const void *w, void *out, int64_t ldo, int64_t M, int64_t K, int64_t N,
+                        int nthreads, int bf, float *buf) {
     if (M == 0 || N == 0) return 0;
-    const int64_t np = (N + NR - 1) / NR, es = bf ? 2 : 4;
-    for (int64_t m = 0; m < M; m++) widen_row((const char *)x + (rows ? rows[m] / rdiv : m) * ldx * es, bf, K, a + m * K);
+    const int64_t np = (N + NR - 1) / NR;
     gemm_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
         gemm_t g = {a, w, out, buf + (size_t)t * (size_t)(K * NR), ldo, M, K, N, 0, np, 0, M, bf};
@@ -172,7 +166,11 @@ int dsv3_gemm(const void *x, int64_t ldx, const void *w, void *out, int64_t ldo,
     nthreads = threads_for(nthreads, M, N);
     float *a = aligned_alloc(64, (size_t)(M * K) * sizeof(float) + 64);
     float *buf = aligned_alloc(64, (size_t)nthreads * (size_t)(K * NR) * sizeof(float) + 64);
-    int rc = a && buf ? gemm_in(x, ldx, NULL, 1, w, out, ldo, M, K, N, nthreads, bf, a, buf) : -2;
+    int rc = -2;
+    if (a && buf) {
+        widen_rows(x, ldx, NULL, 1, M, K, bf, a);
+        rc = gemm_widened(a, w, out, ldo, M, K, N, nthreads, bf, buf);
+    }
     free(a); free(buf);
     return rc;
 }
@@ -183,7 +181,7 @@ int dsv3_gemm(const void *x, int64_t ldx, const void *w, void *out, int64_t ldo,
 static void gated_rows(void *h1, const void *h3, int64_t n, int bf) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __mmask16 m = lanes(n - i);
         __m512 a = loadw_mask(h1, i, m, bf), b = loadw_mask(h3, i, m, bf);
         __m512 s = _mm512_div_ps(a, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
         store16(h1, i, _mm512_mul_ps(bf ? round_bf16(s) : s, b), n - i, bf);
@@ -223,10 +221,12 @@ int dsv3_moe_gemm(const void *x, const void *w1, const void *w3, const void *w2,
         if (n == 0) continue;
         const char *e1 = (const char *)w1 + e * wb, *e3 = (const char *)w3 + e * wb, *e2 = (const char *)w2 + e * wb;
         char *g1 = h1 + q0 * I * es, *g3 = h3 + q0 * I * es;
-        if ((rc = gemm_in(x, D, spairs + q0, K, e1, g1, I, n, D, I, nthreads, bf, a, buf)) != 0) break;
-        if ((rc = gemm_in(x, D, spairs + q0, K, e3, g3, I, n, D, I, nthreads, bf, a, buf)) != 0) break;
+        widen_rows(x, D, spairs + q0, K, n, D, bf, a); /* the expert's token rows, once for w1 and w3 */
+        if ((rc = gemm_widened(a, e1, g1, I, n, D, I, nthreads, bf, buf)) != 0) break;
+        if ((rc = gemm_widened(a, e3, g3, I, n, D, I, nthreads, bf, buf)) != 0) break;
         gated_rows(g1, g3, n * I, bf);
-        rc = gemm_in(g1, I, NULL, 1, e2, y + q0 * D * es, D, n, I, D, nthreads, bf, a, buf);
+        widen_rows(g1, I, NULL, 1, n, I, bf, a);
+        rc = gemm_widened(a, e2, y + q0 * D * es, D, n, I, D, nthreads, bf, buf);
     }
     if (rc != 0) goto done;
     for (int64_t q = 0; q < P; q++) { /* experts ascending, so each token's sum in ascending expert order */
@@ -278,8 +278,8 @@ static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
     const int64_t nvp = (j->V + NR - 1) / NR, Lp = nkp * NR; /* Lp: a multiple of NR, so of 16 */
     /* queries, widened: qa[s] = [q_nope, q_pe] */
     for (int64_t s = 0; s < j->S; s++) {
-        widen_row(j->qn + (b * j->qn_sb + s * j->qn_ss + h * j->qn_sh) * es, j->bf, j->nope, j->qa + s * Dq);
-        widen_row(j->qp + (b * j->qp_sb + s * j->qp_ss + h * j->qp_sh) * es, j->bf, j->R, j->qa + s * Dq + j->nope);
+        widen(j->qn + (b * j->qn_sb + s * j->qn_ss + h * j->qn_sh) * es, j->bf, j->nope, j->qa + s * Dq);
+        widen(j->qp + (b * j->qp_sb + s * j->qp_ss + h * j->qp_sh) * es, j->bf, j->R, j->qa + s * Dq + j->nope);
     }
     /* key panels kp[p][d][jj] (16 keys at a time: their rows widened, then 16 x 16 transposes) and value
      * panels vp[c][l][jj], zero-padded */
@@ -290,12 +290,12 @@ static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
             int64_t l = l0 + i;
             if (l < L) {
                 const char *kv = j->kvb + (b * j->kv_sb + l * j->kv_sl + h * j->kv_sh) * es;
-                widen_row(kv, j->bf, j->nope, rows[i]);
-                widen_row(j->pe + (b * j->pe_sb + l * j->pe_sl) * es, j->bf, j->R, rows[i] + j->nope);
+                widen(kv, j->bf, j->nope, rows[i]);
+                widen(j->pe + (b * j->pe_sb + l * j->pe_sl) * es, j->bf, j->R, rows[i] + j->nope);
                 for (int64_t c = 0; c < nvp; c++) {
                     float *dst = j->vp + (c * Lp + l) * NR;
                     int64_t n = j->V - c * NR < NR ? j->V - c * NR : NR;
-                    widen_row(kv + (j->nope + c * NR) * es, j->bf, n, dst);
+                    widen(kv + (j->nope + c * NR) * es, j->bf, n, dst);
                     if (n < NR) memset(dst + n, 0, (size_t)(NR - n) * sizeof(float));
                 }
             } else {
@@ -306,7 +306,7 @@ static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
         float *kd = j->kp + (l0 / NR) * Dq * NR + l0 % NR;
         for (int64_t d0 = 0; d0 < Dq; d0 += 16) {
             int64_t dn = Dq - d0 < 16 ? Dq - d0 : 16;
-            __mmask16 dm = (__mmask16)((1u << dn) - 1);
+            __mmask16 dm = lanes(dn);
             for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_ps(dm, rows[i] + d0);
             transpose16(r);
             for (int64_t d = 0; d < dn; d++) _mm512_store_ps(kd + (d0 + d) * NR, r[d]);
@@ -340,8 +340,8 @@ static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
             const uint8_t *mrow = j->mask ? j->mask + (b * j->S + s0 + i) * L : NULL;
             __m512 mx = _mm512_set1_ps(-INFINITY);
             for (int64_t l = 0; l < le; l += 16) {
-                __mmask16 m = le - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (le - l)) - 1);
-                __mmask16 see = (__mmask16)(l >= lim[i] ? 0 : lim[i] - l >= 16 ? 0xffff : (1u << (lim[i] - l)) - 1);
+                __mmask16 m = lanes(le - l);
+                __mmask16 see = lanes(lim[i] - l);
                 if (mrow) see &= _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, mrow + l)),
                                                         _mm512_set1_epi32(0xff));
                 __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), see & m,
@@ -357,7 +357,7 @@ static void pattn_head(const pattn_t *j, int64_t b, int64_t h) {
             __m512 sum = _mm512_setzero_ps(), mvv = _mm512_set1_ps(mv);
             for (int64_t l = 0; l < le; l += 16) {
                 __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(sr + l), mvv)); /* -inf - m -> 0 */
-                __mmask16 m = le - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (le - l)) - 1);
+                __mmask16 m = lanes(le - l);
                 e = _mm512_maskz_mov_ps(m, e);
                 _mm512_storeu_ps(sr + l, e);
                 sum = _mm512_add_ps(sum, e);

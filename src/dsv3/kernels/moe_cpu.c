@@ -84,7 +84,7 @@ static inline __attribute__((always_inline)) void dots_rm(const void *const *w, 
         }
     }
     if (full * 16 < K) {
-        __mmask16 mask = (__mmask16)((1u << (K - full * 16)) - 1);
+        __mmask16 mask = lanes(K - full * 16);
         __m512 wv[2];
         for (int r = 0; r < R; r++) wv[r] = loadw_mask(w[r], b * 16, mask, bf);
         for (int m = 0; m < M; m++) {

@@ -120,8 +120,7 @@ int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, c
  * over the int8 head copy q (per-row scales s), with AVX512-VNNI (vpdpbusd: 64 byte products a instruction,
  * summed in int32, exact). The copy is packed once (dsv3_i8_pack) in blocks of 16 vocabulary rows, [k / 4][16][4]
  * bytes, so one 64-byte load holds 4 k of 16 rows; a tile of 8 rows of u x 48 vocabulary rows then runs through
- * k with each row's 4 bytes broadcast. At one row it streams the copy at the memory bandwidth; at 16 rows it
- * runs at a few times the rate oneDNN's int8 linear reaches on these CPUs. */
+ * k with each row's 4 bytes broadcast (against oneDNN's int8 linear: benchmarks/kernels_bench.py --ab screen). */
 #define VB 16 /* vocabulary rows per packed block */
 #define VG 3  /* blocks per tile: 48 rows */
 #define UR 8  /* rows of u per tile */
@@ -159,7 +158,7 @@ __attribute__((target("avx512vnni"))) static inline __attribute__((always_inline
     const int64_t bs = VB * g->Dp, K4 = g->Dp / 4; /* bytes of a block; steps of 4 k */
     const int8_t *pb = g->p + b0 * bs;
     /* the first row group fetches the next tile meanwhile (prefetches never fault past the end): the copy then
-     * streams while the dot products run instead of after them (16 rows: ~7 -> ~5 ms on the small preset) */
+     * streams while the dot products run instead of after them */
     const int8_t *ahead = m0 == 0 ? pb + VG * bs : NULL;
     for (int64_t k4 = 0; k4 < K4; k4++) {
         if (ahead)
@@ -181,7 +180,7 @@ __attribute__((target("avx512vnni"))) static inline __attribute__((always_inline
 #pragma GCC unroll 3
     for (int c = 0; c < nbk; c++) {
         int64_t i0 = (b0 + c) * VB, n = g->V - i0 < VB ? g->V - i0 : VB;
-        __mmask16 mk = (__mmask16)((1u << n) - 1);
+        __mmask16 mk = lanes(n);
         __m512i qs = _mm512_mullo_epi32(zp, _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
         __m512 ws = _mm512_maskz_loadu_ps(mk, g->ws + i0);
 #pragma GCC unroll 8
@@ -240,16 +239,6 @@ int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qs
 
 /* ------------------------------------------------------------------ the candidates' exact logits */
 
-/* sum_j w[j] h[j] in fp32 (w fp32 or bf16), 16 lanes then one fixed tree */
-static inline float dot_row(const void *w, int bf, const float *h, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < D; k += 16) {
-        __mmask16 m = D - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - k)) - 1);
-        acc = _mm512_fmadd_ps(loadw_mask(w, k, m, bf), _mm512_maskz_loadu_ps(m, h + k), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 /* GreedyHead.argmax's rescoring (dsv3/infer/screen.py) of the candidates (row_of, ids: row-major, ascending ids
  * within a row) of the rows h (R, D) fp32 over the head w (V, D), fp32 (bf = 0) or bf16 (bf = 1):
  * bf16: the candidates' fp32 logits rounded to bf16, the lowest id among the largest; fp32: the largest fp32
@@ -270,7 +259,7 @@ int dsv3_screen_rescore(const float *h, int64_t R, int64_t D, const void *w, int
         float best = -INFINITY, l1max = 0.0f, hmax = 0.0f;
         int64_t pick = -1;
         for (int64_t q = q0; q < q1; q++) {
-            float v = dot_row((const char *)w + ids[q] * D * es, bf, hr, D);
+            float v = dot_w(hr, (const char *)w + ids[q] * D * es, D, bf);
             if (bf) v = round_bf(v);
             ex[q] = v;
             if (pick < 0 || v > best) { best = v; pick = ids[q]; } /* first of the largest: the lowest id */
@@ -303,14 +292,17 @@ int dsv3_screen_rescore(const float *h, int64_t R, int64_t D, const void *w, int
 /* ------------------------------------------------------------------ the quantized activation and the bound's terms */
 
 /* GreedyHead.argmax's preparation for the int8 product (dsv3/infer/screen.py: each row scaled to max |h| = 1,
- * one uint8 scale xs for all finite rows, zero point zp), in one pass: h (R, D) fp32 -> u (R, Dp) uint8 (Dp >= D,
+ * one uint8 scale xs for all finite rows, zero point zp), in one call: h (R, D) fp32 -> u (R, Dp) uint8 (Dp >= D,
  * the padding u = zp: (u - zp) = 0), the bound's terms t (3, R): ||hs||_2 (float64, rounded up), ||r||_2 (r = hs -
- * (u - zp) xs in float64, times 1 + 2^-16) and c (|hs|_inf + xs) with c = rounding; returns xs. A row that is not
- * finite gets NaN terms (no candidates: the caller computes it in full). */
+ * (u - zp) xs in float64, times 1 + 2^-16) and c (|hs|_inf + xs) with c = rounding; returns xs (NaN when memory
+ * could not be had). A row that is not finite gets NaN terms (no candidates: the caller computes it in full). */
 float dsv3_screen_prepare(const float *h, int64_t R, int64_t D, int64_t Dp, int32_t zp, float rounding, uint8_t *u,
                           float *t) {
-    double fmax = -1.0;
-    for (int64_t r = 0; r < R; r++) { /* the scaled rows' maxima are 1 (0 for a zero row, NaN if not finite) */
+    /* the rows' scales a = max_j |h_j|; a scaled finite row's maximum is exactly 1 (a / a), a zero row's 0 */
+    float *alpha = malloc((size_t)(R > 0 ? R : 1) * sizeof(float));
+    if (!alpha) return NAN;
+    float top = -1.0f; /* the largest maximum of the finite scaled rows, -1 for none */
+    for (int64_t r = 0; r < R; r++) {
         const float *hr = h + r * D;
         float a = 0.0f;
         int fin = 1;
@@ -319,44 +311,37 @@ float dsv3_screen_prepare(const float *h, int64_t R, int64_t D, int64_t Dp, int3
             fin &= isfinite(v) != 0;
             a = v > a ? v : a;
         }
-        if (fin) {
-            float m = 0.0f;
-            for (int64_t j = 0; j < D; j++) {
-                float v = fabsf(a > 0 ? hr[j] / a : hr[j]);
-                m = v > m ? v : m;
-            }
-            fmax = m > fmax ? m : fmax;
-        }
+        alpha[r] = fin ? a : NAN;
+        if (fin) top = a > 0 ? 1.0f : top > 0.0f ? top : 0.0f;
     }
-    float xs = fmax >= 0 ? (float)(fmax / (double)(zp - 1)) : 1.0f;
+    float xs = top >= 0 ? (float)((double)top / (double)(zp - 1)) : 1.0f;
     if (!(xs > 0.0f) || isinf(xs)) xs = 1.0f;
     for (int64_t r = 0; r < R; r++) {
         const float *hr = h + r * D;
         uint8_t *ur = u + r * Dp;
-        float a = 0.0f;
-        for (int64_t j = 0; j < D; j++) a = fabsf(hr[j]) > a ? fabsf(hr[j]) : a;
+        const float a = alpha[r];
+        for (int64_t j = D; j < Dp; j++) ur[j] = (uint8_t)zp;
+        if (a != a) { /* not finite: no candidates (the caller computes it in full) */
+            memset(ur, zp, (size_t)D);
+            t[r] = t[R + r] = t[2 * R + r] = NAN;
+            continue;
+        }
         double n2 = 0.0, r2 = 0.0;
         float inf_norm = 0.0f;
-        int fin = 1;
         for (int64_t j = 0; j < D; j++) {
             float hs = a > 0 ? hr[j] / a : hr[j];
-            fin &= isfinite(hs) != 0;
             float q = nearbyintf(hs / xs) + (float)zp; /* round half to even, as torch.round */
             q = q < 0.0f ? 0.0f : q > (float)(2 * zp - 1) ? (float)(2 * zp - 1) : q;
-            ur[j] = fin ? (uint8_t)q : (uint8_t)zp;
+            ur[j] = (uint8_t)q;
             double e = (double)hs - ((double)ur[j] - zp) * (double)xs;
             n2 += (double)hs * (double)hs;
             r2 += e * e;
             inf_norm = fabsf(hs) > inf_norm ? fabsf(hs) : inf_norm;
         }
-        for (int64_t j = D; j < Dp; j++) ur[j] = (uint8_t)zp;
-        if (!fin || !(a < INFINITY)) {
-            t[r] = t[R + r] = t[2 * R + r] = NAN;
-            continue;
-        }
         t[r] = nextafterf((float)sqrt(n2), INFINITY); /* at least the exact norm */
         t[R + r] = nextafterf((float)sqrt(r2), INFINITY) * (1.0f + 0x1p-16f);
         t[2 * R + r] = rounding * (inf_norm + xs);
     }
+    free(alpha);
     return xs;
 }
