@@ -223,6 +223,54 @@ def profile_decode(engine, prompt, steps=12):
     return rows, total / n * 1e3
 
 
+# the kernel entry points the fused decode step spends its time in (dsv3.kernels.cpu; the model and the head
+# screen call them through the module, so wrapping the module's functions times them)
+FUSED_PARTS = {"attention blocks (dsv3_mla_block)": ("mla_block",), "FFN blocks (dsv3_ffn_block)": ("ffn_block",),
+               "head: int8 product (dsv3_head_i8)": ("head_i8",),
+               "head: quantization, candidates, rescoring": ("screen_prepare", "screen_candidates", "screen_rescore")}
+
+
+def profile_fused(engine, prompts, steps=16):
+    """Time per part of a decode step through the fused CPU blocks (no hooks: the step as measured), for the
+    requests `prompts` decoded together: {part: ms / step} plus the rest (embedding, norms outside the blocks,
+    engine, sampling, Python) and the step's total."""
+    acc = {}
+    saved = {}
+
+    def timed(part, fn):
+        def f(*a, **k):
+            t = CLOCK()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[part] = acc.get(part, 0.0) + CLOCK() - t
+        return f
+
+    for part, names in FUSED_PARTS.items():
+        for name in names:
+            saved[name] = getattr(cpu_kernels, name)
+            setattr(cpu_kernels, name, timed(part, saved[name]))
+    try:
+        params = SamplingParams(max_new_tokens=steps + 3, ignore_eos=True)
+        for p in prompts:
+            engine.add_request(p, params)
+        for _ in range(3):  # the prefill and two decode steps
+            engine.step()
+        acc.clear()
+        t, n = CLOCK(), 0
+        while engine.has_unfinished():
+            engine.step()
+            n += 1
+        total = CLOCK() - t
+    finally:
+        for name, fn in saved.items():
+            setattr(cpu_kernels, name, fn)
+    rows = {part: acc.get(part, 0.0) / n * 1e3 for part in FUSED_PARTS}
+    rows["embedding, engine, sampling, rest"] = total / n * 1e3 - sum(rows.values())
+    rows["step"] = total / n * 1e3
+    return rows
+
+
 def table(headers, rows):
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -368,6 +416,15 @@ def main(argv=None):
               "through the modules, slower than the measured one)\n")
         print(table(["part", "ms / step", "share"], [(k, f"{v:.2f}", f"{100 * v / step_ms:.0f}%") for k, v in prof]))
         res["profile_ms"] = dict(prof)
+        if kernels_off is None:
+            one = profile_fused(engine, prompts[:1])
+            many = profile_fused(engine, prompts)
+            print(f"\n## The fused decode step by part: 1 and {args.batch} sequences (ms / step)\n")
+            print(f"(the kernels' entry points timed without hooks; what the {args.batch}/1 ratio above is made of)\n")
+            print(table(["part", "1 sequence", f"{args.batch} sequences", "ratio"],
+                        [(k, f"{one[k]:.2f}", f"{many[k]:.2f}", f"{many[k] / one[k]:.2f}x" if one[k] > 0 else "-")
+                         for k in one]))
+            res["profile_fused_ms"] = {"1": one, str(args.batch): many}
         del hf
 
     # ---- MTP speculative decoding at batch 1
