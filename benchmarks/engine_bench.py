@@ -252,9 +252,11 @@ def profile_fused(engine, prompts, steps=16):
             setattr(cpu_kernels, name, timed(part, saved[name]))
     try:
         params = SamplingParams(max_new_tokens=steps + 3, ignore_eos=True)
-        for p in prompts:
-            engine.add_request(p, params)
-        for _ in range(3):  # the prefill and two decode steps
+        ids = {engine.add_request(p, params) for p in prompts}
+        started = set()
+        while started != ids:  # the prefill (chunks of it when the prompts exceed a step's token budget)
+            started.update(o.request_id for o in engine.step() if o.new_token_ids)
+        for _ in range(2):  # two decode steps
             engine.step()
         acc.clear()
         t, n = CLOCK(), 0
