@@ -16,6 +16,7 @@ from dsv3.config import preset
 from dsv3.fp8.linear import FP8Linear, _scaled_mm_supported, fp8_gemm
 from dsv3.fp8.quant import act_dequant, act_quant, weight_dequant, weight_quant
 from dsv3.fp8.training import FP8TrainExperts, FP8TrainLinear, apply_fp8_training, fp8_linear
+from dsv3.model.linear import Linear
 from dsv3.model.moe import Experts, MoE
 from dsv3.model.transformer import Transformer
 
@@ -172,7 +173,7 @@ def test_apply_fp8_training_swaps_the_paper_set_only():
             want += [f"{b}.ffn.shared_experts.{n}" for n in ("w1", "w2", "w3")] + [f"{b}.ffn.experts"]
     assert sorted(swapped) == sorted(want)
     # high precision stays: embedding, head, gate, norms, MTP eh_proj
-    assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert type(model.head) is Linear and type(model.embed) is nn.Embedding
     assert type(model.mtp[0].eh_proj) is nn.Linear
     assert all(type(m.ffn.gate.weight) is nn.Parameter for m in model.layers[1:])
     assert not any(isinstance(m, FP8Linear) for m in model.modules())  # training keeps hp weights

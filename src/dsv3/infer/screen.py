@@ -52,6 +52,7 @@ import functools
 import torch
 
 from dsv3.kernels import cpu as cpu_kernels
+from dsv3.model.linear import Linear
 from dsv3.model.mla import version_key
 
 # Below this many head elements the full product is cheap and the screen is not worth its setup.
@@ -407,7 +408,7 @@ def greedy_head(model, rows: int = 1) -> GreedyHead | None:
     head = model.head
     # only a plain, whole head: a tensor-parallel head (dsv3.parallel.tensor) holds one vocabulary
     # shard and gathers logits across ranks, so an argmax of its local weight would be wrong
-    if type(head) is not torch.nn.Linear or head.weight.shape[0] != model.config.vocab_size:
+    if type(head) not in (torch.nn.Linear, Linear) or head.weight.shape[0] != model.config.vocab_size:
         return None
     w = head.weight
     if not GreedyHead.supported(w):

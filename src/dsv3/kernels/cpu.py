@@ -291,13 +291,11 @@ def prefill_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kvb: torch.Tensor, 
     if (any(t.dtype != q_nope.dtype or t.stride(-1) != 1 for t in ts) or kvb.shape != (B, L, H, nope + v_dim)
             or q_pe.shape[:3] != (B, S, H) or pe.shape != (B, L, R) or nope + R > 1024 or v_dim > 1024):
         return None
-    if mask is None:
-        if L != S:
-            return None
-    else:
-        if mask.dtype != torch.bool or mask.shape != (B, S, L):
-            return None
-        mask = mask.contiguous()
+    if mask is None and L != S:
+        return None
+    mask = _bool_mask(mask, B, S, L)
+    if mask is False:
+        return None
     out = torch.empty(B, S, H, v_dim, dtype=q_nope.dtype)
     _check(library().dsv3_prefill_attend(
         q_nope.data_ptr(), *q_nope.stride()[:3], q_pe.data_ptr(), *q_pe.stride()[:3], kvb.data_ptr(),
@@ -458,16 +456,22 @@ def _angles(t: torch.Tensor, n: int, half: int) -> torch.Tensor | None:
     return t.reshape(n, half).contiguous()
 
 
-def _attention_inputs(cos, sin, mask, B: int, S: int, L: int, half: int):
-    """The rotary tables as (B * S, half) fp32 and the mask as contiguous (B, S, L) bool (or None: causal), as
-    the attention kernels take them; None where these tensors do not fit."""
-    cs, sn = _angles(cos, B * S, half), _angles(sin, B * S, half)
-    if cs is None or sn is None:
+def _bool_mask(mask, B: int, S: int, L: int):
+    """The mask as the attention kernels take it: contiguous (B, S, L) bool, None (causal) for None, False where
+    it does not fit."""
+    if mask is None:
         return None
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (B, S, L):
-            return None
-        mask = mask.contiguous()
+    if mask.dtype != torch.bool or mask.shape != (B, S, L):
+        return False
+    return mask.contiguous()
+
+
+def _attention_inputs(cos, sin, mask, B: int, S: int, L: int, half: int):
+    """The rotary tables as (B * S, half) fp32 and the mask (_bool_mask), as the attention kernels take them;
+    None where these tensors do not fit."""
+    cs, sn, mask = _angles(cos, B * S, half), _angles(sin, B * S, half), _bool_mask(mask, B, S, L)
+    if cs is None or sn is None or mask is False:
+        return None
     return cs, sn, mask
 
 

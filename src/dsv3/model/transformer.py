@@ -5,7 +5,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels import cpu as cpu_kernels
-from dsv3.model.linear import kernel_linear
+from dsv3.model.linear import Linear
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MLP, Gate, MoE
 from dsv3.model.mtp import MTP
@@ -39,7 +39,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # the projections' Linear: its inference calls take the CPU kernels (dsv3.model.linear)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         # MTP module k (1-based) sits at checkpoint layer index num_hidden_layers + k - 1.
@@ -76,14 +77,7 @@ class Transformer(nn.Module):
 
     def logits(self, h):
         # a 2-D matmul: a 3-D input under inference_mode made torch copy the whole head weight per call
-        h2 = h.reshape(-1, h.shape[-1])
-        head = self.head
-        # the plain head (not a parallel or FP8 one, no hooks) through the projections' CPU kernels
-        if type(head) is nn.Linear and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks):
-            y = kernel_linear(h2, head.weight)
-            if y is not None:
-                return y.view(*h.shape[:-1], -1)
-        return head(h2).view(*h.shape[:-1], -1)
+        return self.head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
 
     def forward(self, tokens, positions=None, cache=None):
         """tokens (B, S) -> logits (B, S, vocab) for every position."""

@@ -44,6 +44,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.infer.paged import PagedLatentCache
+from dsv3.model.linear import Linear
 from dsv3.model.mtp import MTP
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import Rotary
@@ -104,7 +105,7 @@ class PipelineStage(nn.Module):
         if self.first:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_word_embeddings:
                 self.head.weight = self.embed.weight
             self.mtp = nn.ModuleList(MTP(cfg.num_hidden_layers + k, cfg) for k in range(cfg.num_nextn_predict_layers))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
+from dsv3.model.linear import Linear
 from dsv3.model.mla import MLA
 from dsv3.model.moe import Experts, MoE
 from dsv3.model.transformer import Transformer
@@ -227,7 +228,8 @@ def _head_is_plain(model: Transformer) -> bool:
     """The fused loss reads model.head.weight directly: only for a plain, unsharded nn.Linear head
     (FSDP2 and the tensor-parallel head gather or split it inside their own forward)."""
     head = model.head
-    if type(head) is not torch.nn.Linear or head.bias is not None or head._forward_hooks or head._forward_pre_hooks:
+    if (type(head) not in (torch.nn.Linear, Linear) or head.bias is not None or head._forward_hooks
+            or head._forward_pre_hooks):
         return False
     from torch.distributed.tensor import DTensor
 
