@@ -338,7 +338,7 @@ def test_c_quantization_and_bound_terms_hold(kind):
     gh = GreedyHead(w, "c")
     h = hiddens()
     hs = h / torch.where(h.abs().amax(1, keepdim=True) > 0, h.abs().amax(1, keepdim=True), torch.ones(1))
-    a, t = gh._screen_c(h)
+    a, t, cm = gh._screen_c(h)
     b = sum(f[None].double() * x[:, None].double() for f, x in zip(gh._factors, t))
     exact = hs.double() @ w.double().t()
     assert ((a.double() - exact).abs() <= b).all()
@@ -346,6 +346,40 @@ def test_c_quantization_and_bound_terms_hold(kind):
     assert torch.equal(a, a2)
     for x, y in zip(t, t2):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-30)  # (a zero norm is rounded up to the least float)
+    assert torch.equal(cm, chunk_maxima(a))  # the product's chunk maxima, the last chunk partial
+
+
+def chunk_maxima(a: torch.Tensor) -> torch.Tensor:
+    """The maxima of a's rows over screen.CHUNK-wide chunks (the last one partial), NaN where a chunk holds one."""
+    R, V = a.shape
+    n = -(-V // screen.CHUNK)
+    p = torch.cat([a, torch.full((R, n * screen.CHUNK - V), float("-inf"))], dim=1).view(R, n, screen.CHUNK)
+    return p.amax(dim=2).masked_fill(p.isnan().any(dim=2), float("nan"))
+
+
+@pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "low-rank"])
+def test_search_from_the_products_chunk_maxima_equals_the_search_over_a(kind, dtype):
+    """The int8 product hands the candidate search the maxima of its tiles (taken in registers, NaN where a tile
+    holds a NaN), so the search skips its pass over a: the same (row, id) pairs as the search over a and its
+    tensor twin, including a row whose a holds a NaN (from a head row whose int8 scale is NaN: no candidates in
+    any row then, as without the maxima) and a vocabulary that ends in a partial tile."""
+    w = weights(kind, V=48 * 41 + 20).to(dtype)
+    gh = GreedyHead(w, "c")
+    h = hiddens()
+    a, terms, cm = gh._screen_c(h.float())
+    assert cm.shape == (h.shape[0], 42) and torch.equal(cm, chunk_maxima(a))
+    got = gh._candidates(a, terms, cm)
+    assert torch.equal(torch.stack(got), torch.stack(gh._candidates(a, terms)))
+    gh.search = "torch"
+    assert torch.equal(torch.stack(got), torch.stack(gh._candidates(a, terms)))
+    assert got[0].unique().numel() == h.shape[0]  # every row has candidates (the zero row: all of them)
+    gh.search = "c"
+    gh._w_scale[100] = float("nan")  # column 100 of a becomes NaN in every row
+    a, terms, cm = gh._screen_c(h.float())
+    assert cm[:, 100 // screen.CHUNK].isnan().all() and torch.equal(cm.isnan(), chunk_maxima(a).isnan())
+    assert gh._candidates(a, terms, cm)[0].numel() == 0
 
 
 @pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")

@@ -61,8 +61,9 @@ MIN_ELEMENTS = 1 << 22
 # `small` preset's 129,280 x 512 head on one core (weights from memory), where the fp32 GEMM costs
 # 26 ms and 49 ms; above this many rows the fp32 GEMM catches up with the screen and its rescoring.
 MAX_ROWS = 64
-# Width of the chunks whose maxima locate the candidates (`GreedyHead._candidates`)
-CHUNK = 64
+# Width of the chunks whose maxima locate the candidates (`GreedyHead._candidates`): the C int8 product's tile,
+# whose maxima it takes while they are in registers (any multiple of 16 finds the same candidates)
+CHUNK = cpu_kernels.I8_TILE_ROWS
 # More candidates than this in one row and that row's fp32 logits are computed in full instead.
 MAX_CANDIDATES = 4096
 # the kernel's fp32 output scaling and the reference's fp32 dot product, per unit of L1_i ||h||_inf
@@ -231,10 +232,11 @@ class GreedyHead:
 
     def _screen_c(self, h: torch.Tensor):
         """argmax's scaling and _screen for kernel "c": the quantization and the bound's terms in one C call
-        (norms in float64, rounded up), then the int8 product."""
+        (norms in float64, rounded up), then the int8 product, with the maxima of its CHUNK-wide chunks."""
         u, t, xs = cpu_kernels.screen_prepare(h, 128, _ROUNDING + 2 * h.shape[1] * 2.0 ** -24)
-        a = cpu_kernels.head_i8(u, self._i8, self._i8_qsum, self._w_scale, xs, 128, self.weight.shape[0])
-        return a, (t[0], t[1], t[2])
+        a, chunk_max = cpu_kernels.head_i8(u, self._i8, self._i8_qsum, self._w_scale, xs, 128, self.weight.shape[0],
+                                           chunk_max=True)
+        return a, (t[0], t[1], t[2]), chunk_max
 
     def approx(self, h: torch.Tensor) -> torch.Tensor:
         """(R, D) fp32 -> (R, V) logits from the int8 weight and 8-bit quantized h."""
@@ -260,13 +262,14 @@ class GreedyHead:
         # The kernel quantizes all rows with one scale: rows scaled to max |h_r| = 1 each get the
         # resolution of their own range (the argmax of a row does not change under a positive scale;
         # the bound below is computed for the scaled rows, the rescoring uses h itself)
+        chunk_max = None
         if self.kernel == "c" and self.search == "c":
-            a, terms = self._screen_c(h)  # the same in two C calls (their twin: the lines below)
+            a, terms, chunk_max = self._screen_c(h)  # the same in two C calls (their twin: the lines below)
         else:
             alpha = h.abs().amax(dim=1, keepdim=True)
             hs = h / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
             a, terms = self._screen(hs)  # (R, V)
-        row_of, ids = self._candidates(a, terms)  # row-major, ascending ids within a row
+        row_of, ids = self._candidates(a, terms, chunk_max)  # row-major, ascending ids within a row
         self.rows += R
         counts = torch.bincount(row_of, minlength=R)
         out = torch.empty(R, dtype=torch.long)
@@ -317,7 +320,7 @@ class GreedyHead:
             out[r] = ids[sel[(wc[sel].double() @ h[r].double()).argmax()]]
         return out
 
-    def _candidates(self, a: torch.Tensor, terms):
+    def _candidates(self, a: torch.Tensor, terms, chunk_max: torch.Tensor | None = None):
         """a (R, V) approximate logits, terms: the (R,) terms of each row's bound (_screen) -> (row,
         id) pairs, row-major with ascending ids, of every i with a_i + b_i >= max_k (a_k - b_k) - slack_r:
         the candidates of step 3 in the module docstring (slack_r covers the fp32 rounding of these
@@ -331,7 +334,7 @@ class GreedyHead:
         same order in one call; the tensor ops below are its twin and the fallback."""
         if self.search == "c":
             got = cpu_kernels.screen_candidates(a, torch.stack(terms).float().contiguous(), *self._stacked, CHUNK,
-                                                _BF16_BAND if self.bf16 else 0.0, 2.0 ** -20)
+                                                _BF16_BAND if self.bf16 else 0.0, 2.0 ** -20, chunk_max)
             if got is not None:
                 return got
         R, V = a.shape

@@ -140,13 +140,13 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_prefill_attend.restype = i32
             lib.dsv3_i8_pack.argtypes = [p, i64, i64, p]
             lib.dsv3_i8_pack.restype = None
-            lib.dsv3_head_i8.argtypes = [p, i64, p, p, p, f32, i32, i64, i64, p, i32]
+            lib.dsv3_head_i8.argtypes = [p, i64, p, p, p, f32, i32, i64, i64, p, p, i32]
             lib.dsv3_head_i8.restype = i32
             lib.dsv3_screen_prepare.argtypes = [p, i64, i64, i64, i32, f32, p, p]
             lib.dsv3_screen_prepare.restype = f32
             lib.dsv3_screen_rescore.argtypes = [p, i64, i64, p, i32, p, p, i64, p, p]
             lib.dsv3_screen_rescore.restype = i32
-            lib.dsv3_screen_candidates.argtypes = [p] * 5 + [i64] * 3 + [f32, f32, p, p, i64]
+            lib.dsv3_screen_candidates.argtypes = [p] * 6 + [i64] * 3 + [f32, f32, p, p, i64]
             lib.dsv3_screen_candidates.restype = i64
             lib.dsv3_bf16_dot.argtypes = [i32]
             lib.dsv3_bf16_dot.restype = i32
@@ -319,32 +319,48 @@ def i8_pack(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The int8 product's tile of vocabulary rows (screen_cpu.c: VB * VG): the width of the chunks whose maxima
+# head_i8 hands to screen_candidates
+I8_TILE_ROWS = 48
+
+
 def head_i8(u: torch.Tensor, packed: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor, xs: float, zp: int,
-            V: int) -> torch.Tensor:
+            V: int, chunk_max: bool = False):
     """(xs * (q u_r - zp * qsum)) * scale for the rows u (R, Dp) uint8 (zero padded to Dp, a multiple of 4) over
     the int8 q (V, D) packed by i8_pack; qsum (V,) int32 = q.sum(1), scale (V,) fp32 -> (R, V) fp32. Every
-    product and sum is exact (int32); the two fp32 scalings round. The caller checks vnni()."""
+    product and sum is exact (int32); the two fp32 scalings round. With chunk_max, also the maxima of each row
+    over each I8_TILE_ROWS-wide chunk (R, ceil(V / I8_TILE_ROWS)), NaN where a chunk holds a NaN, taken while
+    the values are in registers: (out, maxima). The caller checks vnni()."""
     R, Dp = u.shape
     out = torch.empty(R, V, dtype=torch.float32)
+    cm = torch.empty(R, -(-V // I8_TILE_ROWS), dtype=torch.float32) if chunk_max else None
     _check(library().dsv3_head_i8(u.data_ptr(), R, packed.data_ptr(), qsum.data_ptr(), scale.data_ptr(), xs, zp, V,
-                                  Dp, out.data_ptr(), torch.get_num_threads()), "dsv3_head_i8")
-    return out
+                                  Dp, out.data_ptr(), None if cm is None else cm.data_ptr(), torch.get_num_threads()),
+           "dsv3_head_i8")
+    return (out, cm) if chunk_max else out
 
 
 def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tensor, chunk_factors: torch.Tensor,
-                      factor_max: torch.Tensor, chunk: int, band: float, eps: float):
+                      factor_max: torch.Tensor, chunk: int, band: float, eps: float,
+                      chunk_max: torch.Tensor | None = None):
     """GreedyHead._candidates (dsv3/infer/screen.py) in one call: a (R, V) fp32 approximate logits, terms (3, R),
     factors (3, V), chunk_factors (3, V // chunk), factor_max (3,), all fp32 -> (row_of, ids) int64, row-major
     with ascending ids; None where the library is missing or the candidates overflow the room given (the
-    caller's twin runs)."""
+    caller's twin runs). chunk_max: head_i8's chunk maxima of a (chunk must then be I8_TILE_ROWS), which spare
+    the search its pass over a."""
     lib = library()
     if lib is None or a.dtype != torch.float32 or a.dim() != 2 or not a.is_contiguous():
         return None
     R, V = a.shape
+    if chunk_max is not None and (chunk != I8_TILE_ROWS or chunk_max.shape != (R, -(-V // chunk))
+                                  or chunk_max.dtype != torch.float32 or not chunk_max.is_contiguous()):
+        raise ValueError(f"chunk maxima of shape {tuple(chunk_max.shape)} do not fit a {tuple(a.shape)} search "
+                         f"in chunks of {chunk}")
     for cap in (R * 256, R * 4096):  # a few dozen candidates a row is the rule; room for more on a second try
         row_of, ids = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.int64)
         n = lib.dsv3_screen_candidates(a.data_ptr(), terms.data_ptr(), factors.data_ptr(), chunk_factors.data_ptr(),
-                                       factor_max.data_ptr(), R, V, chunk, band, eps, row_of.data_ptr(),
+                                       factor_max.data_ptr(), None if chunk_max is None else chunk_max.data_ptr(),
+                                       R, V, chunk, band, eps, row_of.data_ptr(),
                                        ids.data_ptr(), cap)
         if n >= 0:
             return row_of[:n], ids[:n]

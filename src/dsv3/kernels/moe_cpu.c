@@ -29,6 +29,12 @@
 #ifndef PREFETCH
 #define PREFETCH 1024 /* values ahead in a weight row stream (4 KB of fp32; 512-1536 measured alike on `small`) */
 #endif
+#ifndef FAR_BYTES
+/* how far ahead in a thread's own sequence of weight rows (across experts) the rows are fetched into L2. The
+ * near prefetch above runs out of L1 fill buffers; the hardware's L2 streamer alone falls behind once a few
+ * instructions per line sit between the loads. 16-32 KB measured alike; see dots_rm. */
+#define FAR_BYTES 32768
+#endif
 
 /* rows[0..M) (K values each, fp32 or bf16) packed for the dot products: dp = 0, [kblocks(K)][M][16] fp32; dp = 1
  * (bf16 dot products), [(K + 31) / 32][M][32] bf16 (fp32 rows then hold bf16 numbers, converted exactly). The
@@ -64,9 +70,12 @@ static inline __attribute__((always_inline)) void reduce_acc(__m512 acc[2][MAXM]
 }
 
 /* dot products of R weight rows w[r] (K values each, fp32 or bf16) with the M packed rows xp ->
- * res[r][m]; R, M and the weight dtype are compile-time constants in each specialisation below */
-static inline __attribute__((always_inline)) void dots_rm(const void *const *w, const int R, const float *xp,
-                                                          const int M, int64_t K, float res[][MAXM], const int bf) {
+ * res[r][m]; R, M and the weight dtype are compile-time constants in each specialisation below. far[r]: a row of
+ * the same size read later (a row ahead in the caller's order; w[r] itself when there is none), fetched into L2
+ * meanwhile, one line per 64 bytes of w[r] read */
+static inline __attribute__((always_inline)) void dots_rm(const void *const *w, const void *const *far, const int R,
+                                                          const float *xp, const int M, int64_t K, float res[][MAXM],
+                                                          const int bf) {
     __m512 acc[2][MAXM];
     const int64_t es = bf ? 2 : 4;
     for (int r = 0; r < R; r++)
@@ -76,6 +85,7 @@ static inline __attribute__((always_inline)) void dots_rm(const void *const *w, 
         __m512 wv[2];
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)w[r] + (b * 16 + PREFETCH) * es, _MM_HINT_T0);
+            if (!bf || !(b & 1)) _mm_prefetch((const char *)far[r] + b * 16 * es, _MM_HINT_T1); /* each line once */
             wv[r] = loadw(w[r], b * 16, bf);
         }
         for (int m = 0; m < M; m++) {
@@ -95,9 +105,9 @@ static inline __attribute__((always_inline)) void dots_rm(const void *const *w, 
     reduce_acc(acc, R, M, res);
 }
 
-typedef void (*dots_fn)(const void *const *, const float *, int64_t, float[][MAXM]);
-#define DOTS(B, R, M) static void dots_##B##_##R##_##M(const void *const *w, const float *xp, int64_t K, \
-                                                      float res[][MAXM]) { dots_rm(w, R, xp, M, K, res, B); }
+typedef void (*dots_fn)(const void *const *, const void *const *, const float *, int64_t, float[][MAXM]);
+#define DOTS(B, R, M) static void dots_##B##_##R##_##M(const void *const *w, const void *const *far, const float *xp, \
+                                                      int64_t K, float res[][MAXM]) { dots_rm(w, far, R, xp, M, K, res, B); }
 #define DOTS_M(B, R) DOTS(B, R, 1) DOTS(B, R, 2) DOTS(B, R, 3) DOTS(B, R, 4) DOTS(B, R, 5) DOTS(B, R, 6) \
     DOTS(B, R, 7) DOTS(B, R, 8)
 DOTS_M(0, 1)
@@ -129,7 +139,8 @@ int dsv3_bf16_dot(int on) {
 }
 
 __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void dots_dp_rm(
-    const void *const *w, const int R, const uint16_t *xp, const int M, int64_t K, float res[][MAXM]) {
+    const void *const *w, const void *const *far, const int R, const uint16_t *xp, const int M, int64_t K,
+    float res[][MAXM]) {
     __m512 acc[2][MAXM];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
@@ -138,6 +149,7 @@ __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline
         __m512bh wv[2];
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)w[r] + (b * 32 + PREFETCH) * 2, _MM_HINT_T0);
+            _mm_prefetch((const char *)far[r] + b * 64, _MM_HINT_T1);
             wv[r] = (__m512bh)_mm512_loadu_si512((const uint16_t *)w[r] + b * 32);
         }
         for (int m = 0; m < M; m++) {
@@ -158,7 +170,8 @@ __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline
 }
 
 #define DOTS_DP(R, M) __attribute__((target("avx512bf16"))) static void dots_dp_##R##_##M( \
-    const void *const *w, const float *xp, int64_t K, float res[][MAXM]) { dots_dp_rm(w, R, (const uint16_t *)xp, M, K, res); }
+    const void *const *w, const void *const *far, const float *xp, int64_t K, float res[][MAXM]) { \
+        dots_dp_rm(w, far, R, (const uint16_t *)xp, M, K, res); }
 #define DOTS_DP_M(R) DOTS_DP(R, 1) DOTS_DP(R, 2) DOTS_DP(R, 3) DOTS_DP(R, 4) DOTS_DP(R, 5) DOTS_DP(R, 6) DOTS_DP(R, 7) \
     DOTS_DP(R, 8)
 DOTS_DP_M(1)
@@ -184,12 +197,34 @@ typedef struct {
     int bf, dp; /* dp: bf16 products as dot products (rows packed by pack with dp = 1) */
 } moe_t;
 
+/* rows ahead for dots' far fetch: the row n rows after row i of the pass over chunk c of expert e, in this
+ * thread's order of reads (every expert with tokens in ascending order, each of its chunks reading rows
+ * [lo, hi) of the expert's matrix), as base + expert * mat + row * row_bytes; dflt where there is none */
+static const void *row_ahead(const moe_t *j, const char *base, int64_t mat, int64_t row_bytes, int64_t e, int64_t c,
+                             int64_t i, int64_t n, const void *dflt) {
+    while (i + n >= j->hi) {
+        n -= j->hi - i; /* now counted from the next pass's first row */
+        i = j->lo;
+        c += MAXM;
+        if (c >= j->begin[e] + j->count[e]) {
+            do e++;
+            while (e < j->E && j->count[e] == 0);
+            if (e >= j->E) return dflt;
+            c = j->begin[e];
+        }
+    }
+    return base + e * mat + (i + n) * row_bytes;
+}
+
+static inline int64_t far_rows(int64_t row_bytes) { return row_bytes >= FAR_BYTES ? 1 : FAR_BYTES / row_bytes; }
+
 /* h_q[i] = silu(w1_e[i] . x_t) * (w3_e[i] . x_t) for this thread's i (bf16: each of the two products,
  * the silu and the result rounded to bf16, as the PyTorch path materialises them) */
 static void *moe_phase1(void *arg) {
     const moe_t *j = (const moe_t *)arg;
     float res[2][MAXM];
-    const int64_t chunk = kblocks(j->D) * 16 * MAXM, es = j->bf ? 2 : 4;
+    const int64_t chunk = kblocks(j->D) * 16 * MAXM, es = j->bf ? 2 : 4, rb = j->D * es, mat = j->I * rb;
+    const int64_t ahead = far_rows(rb);
     for (int64_t e = 0; e < j->E; e++) {
         int64_t q0 = j->begin[e], q1 = q0 + j->count[e];
         const char *w1 = j->w1 + e * j->I * j->D * es, *w3 = j->w3 + e * j->I * j->D * es;
@@ -199,7 +234,9 @@ static void *moe_phase1(void *arg) {
             dots_fn dots = dots_for(j->bf, j->dp, 2, M);
             for (int64_t i = j->lo; i < j->hi; i++) {
                 const void *w[2] = {w1 + i * j->D * es, w3 + i * j->D * es};
-                dots(w, xp, j->D, res);
+                const void *far[2] = {row_ahead(j, j->w1, mat, rb, e, c, i, ahead, w[0]),
+                                      row_ahead(j, j->w3, mat, rb, e, c, i, ahead, w[1])};
+                dots(w, far, xp, j->D, res);
                 for (int m = 0; m < M; m++) {
                     j->h[(c + m) * j->I + i] = gated(res[0][m], res[1][m], j->bf);
                 }
@@ -213,7 +250,8 @@ static void *moe_phase1(void *arg) {
 static void *moe_phase2(void *arg) {
     const moe_t *j = (const moe_t *)arg;
     float res[2][MAXM];
-    const int64_t chunk = kblocks(j->I) * 16 * MAXM, es = j->bf ? 2 : 4;
+    const int64_t chunk = kblocks(j->I) * 16 * MAXM, es = j->bf ? 2 : 4, rb = j->I * es, mat = j->D * rb;
+    const int64_t ahead = far_rows(rb);
     for (int64_t e = 0; e < j->E; e++) {
         int64_t q0 = j->begin[e], q1 = q0 + j->count[e];
         const char *w2 = j->w2 + e * j->D * j->I * es;
@@ -223,7 +261,9 @@ static void *moe_phase2(void *arg) {
             for (int64_t d = j->lo; d < j->hi; d += 2) {
                 int R = j->hi - d >= 2 ? 2 : 1;
                 const void *w[2] = {w2 + d * j->I * es, w2 + (d + R - 1) * j->I * es};
-                dots_for(j->bf, j->dp, R, M)(w, hp, j->I, res);
+                const void *far[2] = {row_ahead(j, j->w2, mat, rb, e, c, d, ahead, w[0]),
+                                      row_ahead(j, j->w2, mat, rb, e, c, d + R - 1, ahead, w[1])};
+                dots_for(j->bf, j->dp, R, M)(w, far, hp, j->I, res);
                 for (int m = 0; m < M; m++) {
                     int64_t p = j->spairs[c + m];
                     float *o = j->out + (p / j->K) * j->D + d;
@@ -312,13 +352,16 @@ typedef struct {
 static void *lin_run(void *arg) {
     const lin_t *j = (const lin_t *)arg;
     float res[2][MAXM];
-    const int64_t chunk = kblocks(j->K) * 16 * MAXM, es = j->bf ? 2 : 4;
+    const int64_t chunk = kblocks(j->K) * 16 * MAXM, es = j->bf ? 2 : 4, ahead = far_rows(j->K * es);
     for (int64_t n = j->lo; n < j->hi; n += 2) { /* two weight rows at a time, in L1 across the chunks */
         int R = j->hi - n >= 2 ? 2 : 1;
         const void *w[2] = {j->w + n * j->K * es, j->w + (n + R - 1) * j->K * es};
+        /* rows ahead (this thread's) into L2 during the first chunk; the rows themselves (in L1) after */
+        const void *far[2] = {n + ahead < j->hi ? j->w + (n + ahead) * j->K * es : w[0],
+                              n + R - 1 + ahead < j->hi ? j->w + (n + R - 1 + ahead) * j->K * es : w[1]};
         for (int64_t m0 = 0; m0 < j->M; m0 += MAXM) {
             int M = (int)(j->M - m0 < MAXM ? j->M - m0 : MAXM);
-            dots_for(j->bf, j->dp, R, M)(w, j->xp + (m0 / MAXM) * chunk, j->K, res);
+            dots_for(j->bf, j->dp, R, M)(w, m0 == 0 ? far : w, j->xp + (m0 / MAXM) * chunk, j->K, res);
             for (int m = 0; m < M; m++)
                 for (int r = 0; r < R; r++) {
                     int64_t o = (m0 + m) * j->N + n + r;

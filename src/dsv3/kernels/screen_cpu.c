@@ -3,8 +3,14 @@
  * tensor ops (and the passes over the (R, V) approximate logits) the twin takes per step. */
 #include "common.h"
 
+#define VB 16 /* the int8 product's vocabulary rows per packed block (below) */
+#define VG 3  /* blocks per tile: 48 rows */
+#define I8_TILE_ROWS (VB * VG)
+
 typedef struct {
     const float *a, *t, *f, *c, *m; /* a (R, V); terms t (3, R); factors f (3, V); chunk factors c (3, n); maxima m (3) */
+    const float *cmx; /* the chunk maxima of a (R, ncm), from dsv3_head_i8, or NULL (computed here) */
+    int64_t ncm;
     int64_t R, V, CH;
     float band, eps; /* bf16 band (0 for fp32 heads) and the 2^-20 rounding slack */
     int64_t *row_of, *ids;
@@ -25,7 +31,12 @@ static int screen_row(const screen_t *s, int64_t r, float *cm, int64_t *n) {
     /* the chunks' maxima (CH a multiple of 16: vectors), then k: the first argmax of a; a row with a NaN
      * gets no candidates (the caller then computes it in full) */
     __mmask16 nan = 0;
-    for (int64_t j = 0; j < nch; j++) {
+    if (s->cmx) { /* given: NaN where a chunk holds one (the last, partial one included) */
+        cm = (float *)s->cmx + r * s->ncm;
+        for (int64_t j = 0; j < s->ncm; j++)
+            if (cm[j] != cm[j]) nan = 1;
+    }
+    for (int64_t j = 0; j < nch && !s->cmx; j++) {
         const float *v = a + j * CH;
         __m512 mx = _mm512_loadu_ps(v);
         nan |= _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
@@ -96,17 +107,18 @@ static int screen_row(const screen_t *s, int64_t r, float *cm, int64_t *n) {
 }
 
 /* a (R, V) contiguous fp32; t (3, R), f (3, V), c (3, V / CH), m (3) fp32 as above; band: the bf16 band (0 for an
- * fp32 head); eps: the rounding slack factor. Writes the candidates (row_of, ids: row-major, ascending ids) and
+ * fp32 head); eps: the rounding slack factor; cmx: NULL, or dsv3_head_i8's chunk maxima of a (R, ceil(V / CH)),
+ * CH then being its tile (I8_TILE_ROWS). Writes the candidates (row_of, ids: row-major, ascending ids) and
  * returns their number, or -2 when there are more than cap or memory could not be had, -3 when CH is not a
- * positive multiple of 16 (the caller's twin then runs). */
+ * positive multiple of 16 or not the tile with cmx (the caller's twin then runs). */
 int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, const float *c, const float *m,
-                               int64_t R, int64_t V, int64_t CH, float band, float eps, int64_t *row_of, int64_t *ids,
-                               int64_t cap) {
-    if (CH <= 0 || CH % 16) return -3;
+                               const float *cmx, int64_t R, int64_t V, int64_t CH, float band, float eps,
+                               int64_t *row_of, int64_t *ids, int64_t cap) {
+    if (CH <= 0 || CH % 16 || (cmx && CH != I8_TILE_ROWS)) return -3;
     float *av = malloc((size_t)(cap > 0 ? cap : 1) * sizeof(float)), *cm = malloc((size_t)(V / CH + 1) * sizeof(float));
     int64_t n = 0;
     if (!av || !cm) n = -2;
-    screen_t s = {a, t, f, c, m, R, V, CH, band, eps, row_of, ids, av, cap};
+    screen_t s = {a, t, f, c, m, cmx, (V + CH - 1) / CH, R, V, CH, band, eps, row_of, ids, av, cap};
     for (int64_t r = 0; r < R && n >= 0; r++)
         if (screen_row(&s, r, cm, &n) != 0) n = -2;
     free(av);
@@ -121,8 +133,6 @@ int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, c
  * summed in int32, exact). The copy is packed once (dsv3_i8_pack) in blocks of 16 vocabulary rows, [k / 4][16][4]
  * bytes, so one 64-byte load holds 4 k of 16 rows; a tile of 8 rows of u x 48 vocabulary rows then runs through
  * k with each row's 4 bytes broadcast (against oneDNN's int8 linear: benchmarks/kernels_bench.py --ab screen). */
-#define VB 16 /* vocabulary rows per packed block */
-#define VG 3  /* blocks per tile: 48 rows */
 #define UR 8  /* rows of u per tile */
 
 /* q (V, D) int8 row-major -> dst: ceil(V / 16) blocks of (Dp / 4) x 16 x 4 bytes, Dp = D rounded up to 4, zero
@@ -141,10 +151,10 @@ typedef struct {
     const int8_t *p;
     const int32_t *qsum;
     const float *ws;
-    float *out;
+    float *out, *cm; /* cm: NULL, or (R, ncm) the maxima of out over each tile's rows (NaN where one is NaN) */
     float xs;
     int32_t zp;
-    int64_t R, V, Dp, lo, hi; /* this thread's blocks [lo, hi) */
+    int64_t R, V, Dp, ncm, lo, hi; /* this thread's blocks [lo, hi) */
 } i8_t;
 
 __attribute__((target("avx512vnni"))) static inline __attribute__((always_inline)) void i8_tile(
@@ -177,6 +187,12 @@ __attribute__((target("avx512vnni"))) static inline __attribute__((always_inline
     }
     const __m512 xs = _mm512_set1_ps(g->xs);
     const __m512i zp = _mm512_set1_epi32(g->zp);
+    __m512 mx[UR];
+    __mmask16 nan[UR];
+    for (int m = 0; m < mr; m++) {
+        mx[m] = _mm512_set1_ps(-INFINITY);
+        nan[m] = 0;
+    }
 #pragma GCC unroll 3
     for (int c = 0; c < nbk; c++) {
         int64_t i0 = (b0 + c) * VB, n = g->V - i0 < VB ? g->V - i0 : VB;
@@ -185,10 +201,15 @@ __attribute__((target("avx512vnni"))) static inline __attribute__((always_inline
         __m512 ws = _mm512_maskz_loadu_ps(mk, g->ws + i0);
 #pragma GCC unroll 8
         for (int m = 0; m < mr; m++) { /* (sum q u - zp sum q) exactly in int32, then (that * xs) * s_i in fp32 */
-            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][c], qs));
-            _mm512_mask_storeu_ps(g->out + (m0 + m) * g->V + i0, mk, _mm512_mul_ps(_mm512_mul_ps(v, xs), ws));
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][c], qs)), xs), ws);
+            _mm512_mask_storeu_ps(g->out + (m0 + m) * g->V + i0, mk, v);
+            mx[m] = _mm512_mask_max_ps(mx[m], mk, mx[m], v);
+            nan[m] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
         }
     }
+    if (g->cm) /* the tile's maxima for the candidate search, while they are in registers */
+        for (int m = 0; m < mr; m++)
+            g->cm[(m0 + m) * g->ncm + b0 / VG] = nan[m] ? NAN : _mm512_reduce_max_ps(mx[m]);
 }
 
 #define I8_TILE(NB, MR) \
@@ -216,10 +237,12 @@ static void *i8_run(void *arg) {
 }
 
 /* u (R, Dp) uint8 (rows zero padded to Dp, a multiple of 4), p: dsv3_i8_pack's copy of q (V, D), qsum (V,) int32
- * = sum_j q_ij, ws (V,) fp32 row scales -> out (R, V) fp32 = (xs * (sum_j q_ij u_j - zp qsum_i)) * ws_i. Returns
- * 0, or -3 where the CPU lacks AVX512-VNNI or Dp is not a multiple of 4. */
+ * = sum_j q_ij, ws (V,) fp32 row scales -> out (R, V) fp32 = (xs * (sum_j q_ij u_j - zp qsum_i)) * ws_i, and where
+ * cm is not NULL, cm (R, ceil(V / I8_TILE_ROWS)): the maximum of each row of out over each I8_TILE_ROWS-wide
+ * chunk (the last one partial), NaN where the chunk holds a NaN. Returns 0, or -3 where the CPU lacks
+ * AVX512-VNNI or Dp is not a multiple of 4. */
 int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qsum, const float *ws, float xs,
-                 int32_t zp, int64_t V, int64_t Dp, float *out, int nthreads) {
+                 int32_t zp, int64_t V, int64_t Dp, float *out, float *cm, int nthreads) {
     if (!__builtin_cpu_supports("avx512vnni") || Dp % 4) return -3;
     if (R == 0 || V == 0) return 0;
     const int64_t nb = (V + VB - 1) / VB;
@@ -227,7 +250,7 @@ int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qs
     if (nthreads > MAXT) nthreads = MAXT;
     i8_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        i8_t g = {u, p, qsum, ws, out, xs, zp, R, V, Dp, 0, 0};
+        i8_t g = {u, p, qsum, ws, out, cm, xs, zp, R, V, Dp, (V + I8_TILE_ROWS - 1) / I8_TILE_ROWS, 0, 0};
         int64_t lo, hi; /* whole tiles per thread */
         split((nb + VG - 1) / VG, t, nthreads, &lo, &hi);
         g.lo = lo * VG;
