@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -280,6 +281,15 @@ def table(headers, rows):
 
 
 def main(argv=None):
+    # the checkpoint saved for transformers (and llama.cpp's GGUF): ~0.3-2 GB a run, removed whatever happens
+    tmp = tempfile.mkdtemp(prefix="dsv3_bench_")
+    try:
+        return _main(argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _main(argv, tmp):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model preset with random weights (default: small)")
     p.add_argument("--model", default=None, help="a checkpoint folder instead of a preset")
@@ -309,7 +319,6 @@ def main(argv=None):
     CLOCK = time.process_time if cpu else time.perf_counter
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    tmp = tempfile.mkdtemp(prefix="dsv3_bench_")
     if args.model:
         model = dsv3.load_model(args.model, dtype=dtype).eval()
         folder, trained = args.model, True

@@ -2,6 +2,7 @@
 times the kernels' entry points the step really takes (the CPU blocks and the head screen)."""
 import dataclasses
 import json
+import tempfile
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from dsv3.kernels import cpu
 
 @pytest.mark.skipif(cpu.library() is None or not cpu.vnni(),
                     reason=f"CPU kernels or AVX512-VNNI unavailable here: {cpu.unavailable_reason()}")
-def test_engine_bench_fused_profile(tmp_path, capsys, load_benchmark):
+def test_engine_bench_fused_profile(tmp_path, capsys, load_benchmark, monkeypatch):
+    scratch = tmp_path / "scratch"  # where the benchmark saves its checkpoint copy: removed at the end
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     cfg = preset("tiny")
     # a vocabulary large enough for the greedy head screen (and its int8 kernel) to apply
     cfg = dataclasses.replace(cfg, vocab_size=-(-MIN_ELEMENTS // cfg.hidden_size))
@@ -36,5 +40,6 @@ def test_engine_bench_fused_profile(tmp_path, capsys, load_benchmark):
             assert parts[part] > 0, part
         assert parts["embedding, engine, sampling, rest"] >= 0
         assert sum(parts.values()) == pytest.approx(rows["step"])
-    # the wrappers are gone afterwards
+    # the wrappers are gone afterwards, and so is the benchmark's scratch folder
+    assert not [p for p in scratch.iterdir() if p.name.startswith("dsv3_bench_")]
     assert cpu.mla_block.__module__ == "dsv3.kernels.cpu" and cpu.head_i8.__module__ == "dsv3.kernels.cpu"
