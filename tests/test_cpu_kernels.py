@@ -62,6 +62,47 @@ def test_bf16_linear_is_the_rounded_fp32_product(M, K, N, bf16_dot):
     assert ((got.double() - ref).abs() <= 2.0 ** -7 * ref.abs() + 2 * dot_bound(x.float(), w.float(), K)).all()
 
 
+@needs_kernels
+def test_bf16_linear_rows_and_tiles_do_not_change_a_value():
+    """bf16 products run on the weight's packed copy (blocks of 16 outputs, k in pairs) in tiles whose shape
+    depends on the row count (4 blocks x 1-4 rows, 2 x 5-8, 1 x 9-16, then groups of 16 rows): each value is
+    bitwise the same whatever the tile, the row count (up to past 16), the threads or an odd K and a partial last
+    block; and within the fp32 sum's bound of the float64 product, rounded once to bf16."""
+    g = torch.Generator().manual_seed(3)
+    K, N = 67, 37  # an odd K (a zero-padded last pair) and a last block of 5 outputs
+    x, w = torch.randn(21, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    solo = torch.cat([cpu.linear(x[m:m + 1], w) for m in range(21)])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for M in (1, 2, 3, 4, 5, 8, 9, 16, 17, 21):
+                assert torch.equal(cpu.linear(x[:M], w), solo[:M]), (n, M)
+    finally:
+        torch.set_num_threads(threads)
+    want = x.double() @ w.double().t()
+    assert ((solo.double() - want).abs() <= 2.0 ** -8 * want.abs() + 2 * dot_bound(x.float(), w.float(), K)).all()
+
+
+@needs_kernels
+def test_bf16_weights_packed_once_again_when_changed_and_dropped_with_the_weight():
+    import gc
+
+    w = torch.randn(40, 30).bfloat16()
+    x = torch.randn(2, 30).bfloat16()
+    first = cpu.linear(x, w)
+    packed = cpu.packed_bf16(w)
+    assert cpu.packed_bf16(w) is packed  # kept while the values stay
+    with torch.no_grad():
+        w.mul_(2)  # in place: a new version
+    assert cpu.packed_bf16(w) is not packed
+    assert torch.equal(cpu.linear(x, w), first * 2)  # (a power of two: exact)
+    key = id(w)
+    del w, packed
+    gc.collect()
+    assert key not in cpu._PACKED
+
+
 def expert_reference(ex: Experts, x, gw, idx):
     """The routed experts in float64, pair by pair, straight from the definition."""
     out = torch.zeros(x.shape, dtype=torch.float64)

@@ -321,7 +321,8 @@ int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void 
  * path materialises is rounded to the activation dtype here too), so the values are those of the per-piece
  * kernels.
  *   q: wq (H * (nope + R), D), or wq_a (QR, D), q_norm (QR,), wq_b (H * (nope + R), QR) when wq is NULL;
- *   wkv_a (C + R, D), kv_norm (C,), wo (D, H * V); wk, wvt, cos, sin, mask: as dsv3_mla_attend;
+ *   wkv_a (C + R, D), kv_norm (C,), wo (D, H * V) (the projections in bf16 packed by dsv3_pack_bf16, as
+ *   dsv3_linear takes them); wk, wvt, cos, sin, mask: as dsv3_mla_attend;
  *   the cache: the new latents of row m go to kv + wslots[m] * kv_st and pe + wslots[m] * pe_st, and the
  *   query rows of sequence b read slots rslots[b, 0..L).
  * Returns 0, -2 when memory could not be had, -3 for unsupported sizes. */
@@ -419,7 +420,8 @@ static void route_one(const float *s, const float *bias, int64_t E, int64_t K, i
     for (int64_t k = 0; k < K; k++) gw[k] *= scale;
 }
 
-/* y = w2 (silu(w1 n) * (w3 n)) for M rows n (M, D): a SwiGLU MLP of inner size I (w1, w3 (I, D), w2 (D, I)),
+/* y = w2 (silu(w1 n) * (w3 n)) for M rows n (M, D): a SwiGLU MLP of inner size I (w1, w3 (I, D), w2 (D, I);
+ * in bf16 packed by dsv3_pack_bf16, as dsv3_linear takes them),
  * with the PyTorch path's roundings (each product, the silu and their product in the activation dtype);
  * buf holds 3 * M * I values */
 static int swiglu(const void *n, const void *w1, const void *w3, const void *w2, void *y, int64_t M, int64_t D,
@@ -441,7 +443,7 @@ static int swiglu(const void *n, const void *w1, const void *w3, const void *w2,
  * bias (E,) fp32 or NULL, score 0 sigmoid / 1 softmax, method 0 greedy / 1 group_limited_greedy / 2 noaux_tc,
  * G groups of which TG are kept, K experts per token, norm, scale; affinities in fp32 as Gate.scores computes
  * them), the routed experts w1, w3 (E, I, D), w2 (E, D, I) (dsv3_moe), and the shared experts s1, s3 (SI, D),
- * s2 (D, SI) if s1 is not NULL; without a gate, the dense SwiGLU MLP s1, s3, s2.
+ * s2 (D, SI) if s1 is not NULL; without a gate, the dense SwiGLU MLP s1, s3, s2 (s1, s3, s2 as swiglu takes them).
  * Returns 0, -1 for an expert id out of range, -2 when memory could not be had, -3 for unsupported sizes. */
 int dsv3_ffn_block(const void *x, void *out, int64_t M, int64_t D, const void *norm_w, float eps, const void *gate,
                    const float *bias, int64_t E, int64_t K, int64_t G, int64_t TG, int score, int method, int norm,

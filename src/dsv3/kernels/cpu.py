@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 
 import torch
 
@@ -119,6 +120,8 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_moe.restype = i32
             lib.dsv3_linear.argtypes = [p] * 3 + [i64] * 3 + [i32, i32]
             lib.dsv3_linear.restype = i32
+            lib.dsv3_pack_bf16.argtypes = [p, i64, i64, p]
+            lib.dsv3_pack_bf16.restype = None
             lib.dsv3_rmsnorm.argtypes = [p, i64, p, p, i64, i64, f32, i32, i32]
             lib.dsv3_rmsnorm.restype = i32
             lib.dsv3_rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
@@ -222,14 +225,45 @@ def _experts(name: str, x, w1, w3, w2, idx, gw) -> torch.Tensor:
     return out
 
 
+# the bf16 weights' copies in dsv3_linear's layout: id(weight) -> (weak reference, version_key, copy)
+_PACKED: dict = {}
+
+
+def packed_bf16(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight (N, K) in the layout the few-row linear kernel takes for bf16 (dsv3_pack_bf16: blocks of 16
+    rows, k in pairs), made once and kept while w lives and its values stay the same (a new storage or, where
+    tracked, an in-place change makes it again). It costs a second copy of each bf16 projection weight that
+    decode steps multiply (the fused blocks' and Linear's), in exchange for products that run at the FMA's
+    rate at 16 rows (see dsv3_linear)."""
+    from dsv3.model.mla import version_key  # (the model imports this module)
+
+    key = version_key(w)
+    got = _PACKED.get(id(w))
+    if got is not None and got[0]() is w and got[1] == key:
+        return got[2]
+    N, K = w.shape
+    out = torch.empty((N + 15) // 16 * ((K + 1) // 2) * 32, dtype=torch.bfloat16)
+    library().dsv3_pack_bf16(w.contiguous().data_ptr(), N, K, out.data_ptr())
+    if got is None:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    _PACKED[id(w)] = (weakref.ref(w), key, out)
+    return out
+
+
+def _weight_ptr(w: torch.Tensor) -> int:
+    """What dsv3_linear (and the fused blocks' products) take for w: bf16 packed (packed_bf16), fp32 as it is."""
+    return (packed_bf16(w) if w.dtype == torch.bfloat16 else w).data_ptr()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ w (N, K)^T for a few rows, in x's dtype (the caller checks usable(x, w)). Each output
-    is one dot product evaluated the same way whatever M is (batch-invariant)."""
+    is one sum evaluated the same way whatever M is (batch-invariant): fp32, a dot product of 16 partial sums;
+    bf16, a sum over k in order, one fused multiply-add a term, on the weight's packed copy (packed_bf16)."""
     x = x.contiguous()
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=x.dtype)
-    _check(library().dsv3_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
+    _check(library().dsv3_linear(x.data_ptr(), _weight_ptr(w), out.data_ptr(), M, K, N, torch.get_num_threads(),
                                  int(x.dtype == torch.bfloat16)), "dsv3_linear")
     return out
 
@@ -638,7 +672,8 @@ def mla_block(x: torch.Tensor, attn_norm, attn, cos: torch.Tensor, sin: torch.Te
     w_k, w_v = attn._absorb_weights(torch.float32)  # w_v: the transpose of a contiguous (H, C, v), as the kernel takes it
     out = torch.empty_like(x)
     eps, kv_eps, q_eps, qr = plan.consts
-    p = [w.data_ptr() for w in ws]  # norm, wkv_a, kv_norm, wo, then wq_a, q_norm, wq_b or wq
+    # norm, wkv_a, kv_norm, wo, then wq_a, q_norm, wq_b or wq (the projections as dsv3_linear takes them)
+    p = [(_weight_ptr(w) if i in (1, 3, 4, 6) else w.data_ptr()) for i, w in enumerate(ws)]
     q_args = (0, p[4], p[5], q_eps, p[6], qr) if qr else (p[4], 0, 0, 0.0, 0, 0)
     _check(library().dsv3_mla_block(
         x.data_ptr(), out.data_ptr(), B, S, D, p[0], eps, *q_args, p[1], p[2], kv_eps, p[3],
@@ -700,8 +735,9 @@ def ffn_block(x: torch.Tensor, ffn_norm, ffn) -> torch.Tensor | None:
     if M > LINEAR_MAX_ROWS:
         return None
     out = torch.empty_like(x)
-    p = [w.data_ptr() for w in ws]  # norm, then (shared / dense) w1, w3, w2, then gate, experts w1, w3, w2
     is_moe, has_mlp, gate_buffers = plan.extra
+    # norm, then (shared / dense) w1, w3, w2 (as dsv3_linear takes them), then gate, experts w1, w3, w2
+    p = [(_weight_ptr(w) if has_mlp and i in (1, 2, 3) else w.data_ptr()) for i, w in enumerate(ws)]
     s = (p[1], p[2], p[3], plan.consts[0]) if has_mlp else (0, 0, 0, 0)
     if not is_moe:
         r = (0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0)
