@@ -85,6 +85,17 @@ def test_bf16_linear_rows_and_tiles_do_not_change_a_value():
 
 
 @needs_kernels
+@pytest.mark.parametrize("K,N", [(512, 1408), (67, 37), (1408, 512)])
+def test_bf16_decode_and_prefill_products_give_the_same_values(K, N):
+    """The few-row kernel of decode steps and the many-row GEMM of prefill (dsv3_gemm) sum each value the same
+    way (fp32, ascending k, one fused multiply-add a term, rounded once to bf16): a row's projections are
+    bitwise the same whichever step computes them."""
+    g = torch.Generator().manual_seed(K + N)
+    x, w = torch.randn(20, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    assert torch.equal(cpu.linear(x, w), cpu.gemm(x, w))
+
+
+@needs_kernels
 def test_bf16_weights_packed_once_again_when_changed_and_dropped_with_the_weight():
     import gc
 
