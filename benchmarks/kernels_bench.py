@@ -7,12 +7,15 @@ and with PyTorch's paths, same process, same weights, alternating rounds.
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-dot    # vdpbf16ps against widening
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab prefill --prompt-len 512   # the prefill kernels
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab screen      # the greedy head screen's C kernels
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-packed # bf16 projections on packed weights
 
 What is switched off and on (--ab):
   kernels   every kernel (off: PyTorch's paths);
   fused     the fused decode blocks (dsv3_mla_block / dsv3_ffn_block; off: the model's modules, which
             still take the per-op kernels);
   bf16-dot  bf16 products as AVX512-BF16 dot products (off: every value widened to fp32 first);
+  bf16-packed  the bf16 few-row projections (attention, shared and dense MLPs) on the weights' packed copies,
+            each value summed in order in a lane of its own (off: dot products on the weights as they are);
   prefill   the many-row kernels (dsv3.kernels.cpu.prefill_paths: bf16 GEMMs, routed experts of many tokens,
             prefill attention, RMSNorm of any row count; off: PyTorch's GEMMs, grouped_mm and SDPA). This
             one times a prefill instead: `batch` prompts of --prompt-len tokens through the model, the
@@ -64,7 +67,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "prefill", "screen"],
+    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "bf16-packed", "prefill", "screen"],
                    help="what is switched off and on (default: every kernel)")
     args = p.parse_args(argv)
     if cpu.library() is None:
@@ -78,6 +81,7 @@ def main(argv=None):
     if args.ab == "bf16-dot" and not cpu.bf16_dot():
         raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
     library, mla_block, dot, pre = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths()
+    packed = cpu.bf16_packed()
     heads = None
     if args.ab == "screen":
         from dsv3.infer.screen import GreedyHead, greedy_head
@@ -96,6 +100,8 @@ def main(argv=None):
             cpu.mla_block = mla_block if on else (lambda *a: None)
         elif args.ab == "prefill":
             cpu.prefill_paths(on)
+        elif args.ab == "bf16-packed":
+            cpu.bf16_packed(on)
         else:
             cpu.bf16_dot(on)
 
@@ -104,6 +110,7 @@ def main(argv=None):
             model.__dict__["_greedy_head"] = heads[True]
         cpu.library, cpu.mla_block = library, mla_block
         cpu.bf16_dot(dot)
+        cpu.bf16_packed(packed)
         cpu.prefill_paths(pre)
 
     if args.ab == "prefill":

@@ -18,15 +18,18 @@ needs_kernels = pytest.mark.skipif(cpu.library() is None,
 U = 2.0 ** -24  # fp32 unit roundoff
 
 
-@pytest.fixture(params=[True, False], ids=["bf16-dot", "widened"])
+@pytest.fixture(params=[(True, True), (True, False), (False, False)], ids=["packed", "bf16-dot", "widened"])
 def bf16_dot(request):
-    """bf16 products both ways the kernels compute them: AVX512-BF16 dot products (where the CPU has them)
-    and exactly widened fp32 FMAs."""
-    if request.param and cpu.library() is not None and not cpu.bf16_dot():
+    """bf16 products every way the kernels compute them: the few-row products on packed weights (the default:
+    each value summed in order in its own lane), and the dot-product form of the experts (and of those products
+    with bf16_packed(False)) as AVX512-BF16 dot products (where the CPU has them) or exactly widened fp32 FMAs."""
+    dot, packed = request.param
+    if dot and cpu.library() is not None and not cpu.bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16")
-    before = cpu.bf16_dot(request.param)
-    yield request.param
-    cpu.bf16_dot(before)
+    before = cpu.bf16_dot(dot), cpu.bf16_packed(packed)
+    yield dot
+    cpu.bf16_dot(before[0])
+    cpu.bf16_packed(before[1])
 
 
 def dot_bound(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
@@ -304,7 +307,7 @@ def test_engine_tokens_with_and_without_kernels(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot", "screen"])
+@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot", "bf16-packed", "screen"])
 def test_kernels_bench_runs(capsys, monkeypatch, load_benchmark, ab):
     """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset, for each thing
     it switches (for "screen", the head screen let onto the tiny head); fp32, so the greedy tokens must agree
@@ -317,13 +320,14 @@ def test_kernels_bench_runs(capsys, monkeypatch, load_benchmark, ab):
         if not cpu.vnni() or screen._onednn_linear() is None:
             pytest.skip("needs AVX512-VNNI and oneDNN's int8 linear")
         monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
-    library, mla_block, dot = cpu.library, cpu.mla_block, cpu.bf16_dot()
+    library, mla_block, dot, packed = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.bf16_packed()
     load_benchmark("kernels_bench").main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4",
                                           "--ab", ab])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
     # the A/B put everything back
     assert cpu.library is library and cpu.mla_block is mla_block and cpu.bf16_dot() == dot
+    assert cpu.bf16_packed() == packed
 
 
 @needs_kernels

@@ -122,6 +122,8 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_linear.restype = i32
             lib.dsv3_pack_bf16.argtypes = [p, i64, i64, p]
             lib.dsv3_pack_bf16.restype = None
+            lib.dsv3_bf16_packed.argtypes = [i32]
+            lib.dsv3_bf16_packed.restype = i32
             lib.dsv3_rmsnorm.argtypes = [p, i64, p, p, i64, i64, f32, i32, i32]
             lib.dsv3_rmsnorm.restype = i32
             lib.dsv3_rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
@@ -235,11 +237,11 @@ def packed_bf16(w: torch.Tensor) -> torch.Tensor:
     tracked, an in-place change makes it again). It costs a second copy of each bf16 projection weight that
     decode steps multiply (the fused blocks' and Linear's), in exchange for products that run at the FMA's
     rate at 16 rows (see dsv3_linear)."""
-    from dsv3.model.mla import version_key  # (the model imports this module)
-
-    key = version_key(w)
+    # (what dsv3.model.mla.version_key says of a bf16 CPU tensor, inline: this runs for every projection of
+    # every decode step)
+    key = (w.data_ptr(), None if w.is_inference() else w._version)
     got = _PACKED.get(id(w))
-    if got is not None and got[0]() is w and got[1] == key:
+    if got is not None and got[1] == key and got[0]() is w:
         return got[2]
     N, K = w.shape
     out = torch.empty((N + 15) // 16 * ((K + 1) // 2) * 32, dtype=torch.bfloat16)
@@ -250,9 +252,26 @@ def packed_bf16(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_bf16_packed = True
+
+
+def bf16_packed(on: bool | None = None) -> bool:
+    """Whether bf16 few-row products (dsv3_linear, and the fused blocks' projections) run on the weights' packed
+    copies (packed_bf16: each value summed in order over k in a lane of its own, the default) or on the weights
+    as they are (16-lane dot products reduced per value, as fp32 and the experts run); `on` sets it (for A/B
+    comparisons and the tests). Returns the setting before the call. The two give different roundings."""
+    global _bf16_packed
+    prev = _bf16_packed
+    if on is not None and library() is not None:
+        _bf16_packed = bool(on)
+        library().dsv3_bf16_packed(int(_bf16_packed))
+    return prev
+
+
 def _weight_ptr(w: torch.Tensor) -> int:
-    """What dsv3_linear (and the fused blocks' products) take for w: bf16 packed (packed_bf16), fp32 as it is."""
-    return (packed_bf16(w) if w.dtype == torch.bfloat16 else w).data_ptr()
+    """What dsv3_linear (and the fused blocks' products) take for w: bf16 packed (packed_bf16) unless
+    bf16_packed(False), fp32 as it is."""
+    return (packed_bf16(w) if w.dtype == torch.bfloat16 and _bf16_packed else w).data_ptr()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

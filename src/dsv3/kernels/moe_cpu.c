@@ -371,8 +371,11 @@ static inline __attribute__((always_inline)) void lb_tile(const lb_t *j, int64_t
     __m512 acc[4][16];
     const uint16_t *wb[4];
     const int64_t K2 = j->K2, Kp = 2 * K2, bs = K2 * 32; /* values a block */
-    const int fetch = m0 == 0; /* the first row group streams the weights: it fetches ahead */
-    const int64_t group = NB * bs * 2, far = (FAR_BYTES + group - 1) / group * group; /* bytes: whole tiles ahead */
+    /* the first row group streams the weights: it fetches ahead, into L2 whole tiles ahead as long as they are
+     * this thread's (past the end of a small matrix they would only cost bandwidth) */
+    const int64_t tiles = (FAR_BYTES + NB * bs * 2 - 1) / (NB * bs * 2);
+    const int fetch = m0 == 0, fetch_far = fetch && b + (tiles + 1) * NB <= j->hi;
+    const int64_t far = tiles * NB * bs * 2; /* bytes */
     for (int c = 0; c < NB; c++) {
         wb[c] = j->wp + (b + c) * bs;
         for (int m = 0; m < MR; m++) acc[c][m] = _mm512_setzero_ps();
@@ -382,10 +385,8 @@ static inline __attribute__((always_inline)) void lb_tile(const lb_t *j, int64_t
     for (int64_t i = 0; i < K2; i++) {
         __m512 we[4], wo[4];
         for (int c = 0; c < NB; c++) {
-            if (fetch) {
-                _mm_prefetch((const char *)(wb[c] + i * 32) + 2048, _MM_HINT_T0);
-                _mm_prefetch((const char *)(wb[c] + i * 32) + far, _MM_HINT_T1);
-            }
+            if (fetch) _mm_prefetch((const char *)(wb[c] + i * 32) + 2048, _MM_HINT_T0);
+            if (fetch_far) _mm_prefetch((const char *)(wb[c] + i * 32) + far, _MM_HINT_T1);
             __m512i v = _mm512_loadu_si512(wb[c] + i * 32);
             we[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             wo[c] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
@@ -486,13 +487,25 @@ static void *lin_run(void *arg) {
     return NULL;
 }
 
+/* whether dsv3_linear takes bf16 weights packed (the default) or as they are (the dot products below, for A/B
+ * comparisons: the caller passes the weights accordingly, dsv3.kernels.cpu.bf16_packed); on >= 0 sets it, -1 only
+ * reads it. Returns the setting before the call. */
+static int g_packed = 1;
+
+int dsv3_bf16_packed(int on) {
+    int prev = g_packed;
+    if (on >= 0) g_packed = on != 0;
+    return prev;
+}
+
 /* out (M, N) = x (M, K) w (N, K)^T, all contiguous, all fp32 (bf = 0), or all bf16 (bf = 1) with w packed by
- * dsv3_pack_bf16. Returns 0, or -2 when memory could not be had (out is then undefined). */
+ * dsv3_pack_bf16 (or as it is where dsv3_bf16_packed(0) was set). Returns 0, or -2 when memory could not be had
+ * (out is then undefined). */
 int dsv3_linear(const void *x, const void *w, void *out, int64_t M, int64_t K, int64_t N, int nthreads, int bf) {
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
     if (M == 0) return 0;
-    if (bf) return linear_bf16(x, w, out, M, K, N, nthreads);
+    if (bf && g_packed) return linear_bf16(x, w, out, M, K, N, nthreads);
     const int64_t nch = (M + MAXM - 1) / MAXM, chunk = kblocks(K) * 16 * MAXM, es = bf ? 2 : 4;
     const int dp = bf && dp_on();
     float *xp = aligned_alloc(64, (size_t)(nch * chunk) * sizeof(float));
