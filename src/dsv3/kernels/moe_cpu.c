@@ -348,9 +348,10 @@ done:
  * padded): one 64-byte load holds k = 2i, 2i + 1 of 16 outputs, widened exactly to two fp32 vectors. Each output
  * is one fp32 sum over k in ascending order, a fused multiply-add per term, in a lane of its own: no reduction,
  * and the rows' values broadcast, so a tile of NB blocks of 16 outputs x MR rows costs one weight load per 2 * MR
- * multiply-adds. At 16 rows this runs at the FMA's rate (~70 G multiply-adds/s here against ~34 for dot products
- * reduced per output); the order of a value's sum does not depend on the rows or the tile, so a row's result does
- * not depend on the batch. */
+ * multiply-adds. At 16 rows it runs the `small` preset's projections at ~60 G multiply-adds/s here, where the dot
+ * products reduced per output (dsv3_linear's other form, vdpbf16ps or FMA pairs alike) reach ~32. The order of a
+ * value's sum does not depend on the rows or the tile, so a row's result does not depend on the batch; it is the
+ * order of the prefill GEMM (gemm_cpu.c), so decode and prefill give a row the same values. */
 void dsv3_pack_bf16(const uint16_t *w, int64_t N, int64_t K, uint16_t *dst) {
     const int64_t K2 = (K + 1) / 2, nb = (N + 15) / 16;
     memset(dst, 0, (size_t)(nb * K2 * 64));
