@@ -246,7 +246,7 @@ def packed_bf16(w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty((N + 15) // 16 * ((K + 1) // 2) * 32, dtype=torch.bfloat16)
     library().dsv3_pack_bf16(w.contiguous().data_ptr(), N, K, out.data_ptr())
-    if got is None:
+    if got is None or got[0]() is not w:  # (a new weight: its entry goes when it does)
         weakref.finalize(w, _PACKED.pop, id(w), None)
     _PACKED[id(w)] = (weakref.ref(w), key, out)
     return out
