@@ -80,8 +80,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     if args.ab == "bf16-dot" and not cpu.bf16_dot():
         raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
-    library, mla_block, dot, pre = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths()
-    packed = cpu.bf16_packed()
+    library, mla_block, dot, pre, packed = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths(), cpu.bf16_packed()
     heads = None
     if args.ab == "screen":
         from dsv3.infer.screen import GreedyHead, greedy_head

@@ -237,9 +237,18 @@ def test_dense_mlp_takes_the_experts_kernel_unless_hooked(monkeypatch):
         handle = mlp.w1.register_forward_hook(lambda *a: fired.append(1))
         hooked = mlp(x)
         handle.remove()
+        # a global forward hook too: it sees each projection's call
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, *a: seen.append(mod))
+        try:
+            global_hooked = mlp(x)
+        finally:
+            handle.remove()
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
     assert fired == [1] and calls["moe_gemm"] == 1  # the hooked call ran the modules (their GEMMs: the kernel's)
     assert (hooked.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+    assert all(any(m is lin for m in seen) for lin in (mlp.w1, mlp.w2, mlp.w3)) and calls["moe_gemm"] == 1
+    assert torch.equal(global_hooked, hooked)
 
 
 def test_gemm_bench_runs(capsys, load_benchmark):

@@ -86,9 +86,7 @@ static void *norm_run(void *arg) {
             __mmask16 k = lanes(n);
             __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xf + i), rv);
             if (j->bf) y = round_bf16(y); /* the normalised x is rounded to the activation dtype first */
-            y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, wf + i), y);
-            if (j->bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, k, to_bf16(y));
-            else _mm512_mask_storeu_ps((float *)o + i, k, y);
+            store16(o, i, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, wf + i), y), n, j->bf);
         }
     }
     free(xf);

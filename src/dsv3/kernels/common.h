@@ -102,6 +102,13 @@ static inline __mmask16 lanes(int64_t n) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+/* store the first n (<= 16) values of v at o + i (bf16, rounded, or fp32) */
+static inline void store16(void *o, int64_t i, __m512 v, int64_t n, int bf) {
+    __mmask16 m = lanes(n);
+    if (bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, m, to_bf16(v));
+    else _mm512_mask_storeu_ps((float *)o + i, m, v);
+}
+
 /* dst[0..n) = src[0..n) as fp32 (bf16 widened exactly, fp32 copied) */
 static inline void widen(const void *src, int bf, int64_t n, float *dst) {
     if (!bf) {

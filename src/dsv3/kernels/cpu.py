@@ -616,9 +616,11 @@ class _Plan:
     call, so that a replaced parameter is seen), the constant arguments, and the weights' (data pointer,
     dtype) of the last call that passed the checks."""
 
-    def __init__(self, mods, weights, consts, ok=True):
+    def __init__(self, mods, weights, consts, ok=True, projections=()):
         self.mods, self.consts, self.ok = mods, consts, ok
         self.params = [(mod._parameters, name) for mod, name in weights]
+        # which of the weights are projections the kernels multiply through dsv3_linear (pointers())
+        self.proj = frozenset(i for i, (mod, _) in enumerate(weights) if any(mod is m for m in projections))
         self.checked = None
         self.subs = self.extra = None
 
@@ -634,6 +636,11 @@ class _Plan:
             self.checked = key
         return ws
 
+    def pointers(self, ws) -> list[int]:
+        """The weights' data pointers as the kernel call takes them: the projections as dsv3_linear does
+        (_weight_ptr: bf16 packed), the rest as they are."""
+        return [_weight_ptr(w) if i in self.proj else w.data_ptr() for i, w in enumerate(ws)]
+
 
 def _plain(lins, *norms) -> bool:
     """Whether these are the model's own bias-free projections and norms: a replaced module (tensor-parallel,
@@ -642,6 +649,13 @@ def _plain(lins, *norms) -> bool:
     from dsv3.model.norm import RMSNorm
 
     return all(type(lin) is Linear and lin.bias is None for lin in lins) and all(type(n) is RMSNorm for n in norms)
+
+
+def fusable(*lins) -> bool:
+    """Whether one kernel call may stand for these projections' calls: the model's own bias-free Linears
+    (_plain) that no forward hook, on them or global, would see called (the fused blocks' check, for the
+    modules' own fused paths)."""
+    return _plain(lins) and not _hooked(lins)
 
 
 def _cached_plan(owner, norm, build) -> _Plan:
@@ -664,7 +678,7 @@ def _attn_plan(norm, attn) -> _Plan:
     consts = (norm.eps, attn.kv_norm.eps, attn.q_norm.eps if lora else 0.0, attn.q_lora_rank or 0)
     plan = _Plan(mods, [(m, "weight") for m in mods], consts,
                  ok=attn.rope_dim % 2 == 0 and max(attn.rope_dim, attn.nope, attn.v_dim) <= 1024  # the kernel's limits
-                 and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])))
+                 and _plain(lins, mods[0], attn.kv_norm, *([attn.q_norm] if lora else [])), projections=lins)
     return plan
 
 
@@ -691,8 +705,7 @@ def mla_block(x: torch.Tensor, attn_norm, attn, cos: torch.Tensor, sin: torch.Te
     w_k, w_v = attn._absorb_weights(torch.float32)  # w_v: the transpose of a contiguous (H, C, v), as the kernel takes it
     out = torch.empty_like(x)
     eps, kv_eps, q_eps, qr = plan.consts
-    # norm, wkv_a, kv_norm, wo, then wq_a, q_norm, wq_b or wq (the projections as dsv3_linear takes them)
-    p = [(_weight_ptr(w) if i in (1, 3, 4, 6) else w.data_ptr()) for i, w in enumerate(ws)]
+    p = plan.pointers(ws)  # norm, wkv_a, kv_norm, wo, then wq_a, q_norm, wq_b or wq
     q_args = (0, p[4], p[5], q_eps, p[6], qr) if qr else (p[4], 0, 0, 0.0, 0, 0)
     _check(library().dsv3_mla_block(
         x.data_ptr(), out.data_ptr(), B, S, D, p[0], eps, *q_args, p[1], p[2], kv_eps, p[3],
@@ -719,7 +732,7 @@ def _ffn_plan(norm, ffn) -> _Plan:
         mlp, moe = ffn.shared_experts, ffn
     else:
         mlp = moe = None
-    mods, weights, consts = [norm, ffn], [(norm, "weight")], ()
+    mods, weights, consts, lins = [norm, ffn], [(norm, "weight")], (), []
     ok = mlp is not None or moe is not None
     if ok and mlp is not None:
         lins = [mlp.w1, mlp.w3, mlp.w2]
@@ -734,7 +747,7 @@ def _ffn_plan(norm, ffn) -> _Plan:
         ok = g.score_func in _SCORES and g.topk_method in _METHODS and _plain([], norm)
         consts += (g.n_experts, g.topk, g.n_group, g.topk_group, _SCORES.get(g.score_func), _METHODS.get(g.topk_method),
                    int(g.norm_topk_prob), float(g.route_scale), ex.w1.shape[1])
-    plan = _Plan(mods, weights, consts, ok)
+    plan = _Plan(mods, weights, consts, ok, projections=lins)
     plan.extra = (moe is not None, mlp is not None, moe.gate._buffers if moe is not None else None)
     return plan
 
@@ -755,8 +768,7 @@ def ffn_block(x: torch.Tensor, ffn_norm, ffn) -> torch.Tensor | None:
         return None
     out = torch.empty_like(x)
     is_moe, has_mlp, gate_buffers = plan.extra
-    # norm, then (shared / dense) w1, w3, w2 (as dsv3_linear takes them), then gate, experts w1, w3, w2
-    p = [(_weight_ptr(w) if has_mlp and i in (1, 2, 3) else w.data_ptr()) for i, w in enumerate(ws)]
+    p = plan.pointers(ws)  # norm, then (shared / dense) w1, w3, w2, then gate, experts w1, w3, w2
     s = (p[1], p[2], p[3], plan.consts[0]) if has_mlp else (0, 0, 0, 0)
     if not is_moe:
         r = (0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0)

@@ -56,13 +56,6 @@ static void pack_panel(const void *w, int64_t K, int64_t n0, int64_t nn, int bf,
         }
 }
 
-/* store n <= 16 values of v at o + i (bf16, rounded, or fp32) */
-static inline void store16(void *o, int64_t i, __m512 v, int64_t n, int bf) {
-    __mmask16 m = lanes(n);
-    if (bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, m, to_bf16(v));
-    else _mm512_mask_storeu_ps((float *)o + i, m, v);
-}
-
 /* fp32 rows a[0..mr) (K values each) times the panel -> o[i][0 .. nn), bf16 (rounded) or fp32 */
 static inline __attribute__((always_inline)) void tile(const float *const *a, const float *panel, int64_t K,
                                                         const int mr, int64_t nn, void *const *o, const int bf) {

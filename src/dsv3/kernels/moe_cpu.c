@@ -397,11 +397,8 @@ static inline __attribute__((always_inline)) void lb_tile(const lb_t *j, int64_t
             for (int c = 0; c < NB; c++) acc[c][m] = _mm512_fmadd_ps(wo[c], xo, _mm512_fmadd_ps(we[c], xe, acc[c][m]));
         }
     }
-    for (int c = 0; c < NB; c++) {
-        const int64_t n0 = (b + c) * 16;
-        const __mmask16 mk = lanes(j->N - n0);
-        for (int m = 0; m < MR; m++) _mm256_mask_storeu_epi16(j->out + (m0 + m) * j->N + n0, mk, to_bf16(acc[c][m]));
-    }
+    for (int c = 0; c < NB; c++)
+        for (int m = 0; m < MR; m++) store16(j->out + (m0 + m) * j->N, (b + c) * 16, acc[c][m], j->N - (b + c) * 16, 1);
 }
 
 typedef void (*lb_fn)(const lb_t *, int64_t, int64_t);

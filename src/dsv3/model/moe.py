@@ -82,8 +82,7 @@ class MLP(nn.Module):
         of the experts' GEMM kernel with this MLP as the only expert, which rounds as the modules do; None
         where the modules run (few rows, fp32, autograd, hooks, parallel or FP8 replacements)."""
         lins = (self.w1, self.w2, self.w3)
-        if x.dtype != torch.bfloat16 or not all(type(m) is Linear and m.bias is None and not m._forward_hooks
-                                                and not m._forward_pre_hooks for m in lins):
+        if x.dtype != torch.bfloat16 or not cpu_kernels.fusable(*lins):
             return None
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
