@@ -8,6 +8,7 @@ and with PyTorch's paths, same process, same weights, alternating rounds.
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab prefill --prompt-len 512   # the prefill kernels
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab screen      # the greedy head screen's C kernels
     python benchmarks/kernels_bench.py --dtype bfloat16 --ab bf16-packed # bf16 projections on packed weights
+    python benchmarks/kernels_bench.py --dtype bfloat16 --ab far-fetch   # weight rows fetched 32 KB ahead into L2
 
 What is switched off and on (--ab):
   kernels   every kernel (off: PyTorch's paths);
@@ -16,6 +17,8 @@ What is switched off and on (--ab):
   bf16-dot  bf16 products as AVX512-BF16 dot products (off: every value widened to fp32 first);
   bf16-packed  the bf16 few-row projections (attention, shared and dense MLPs) on the weights' packed copies,
             each value summed in order in a lane of its own (off: dot products on the weights as they are);
+  far-fetch the expert and few-row linear kernels' fetch of the weight rows 32 KB ahead into L2 (off: the near
+            prefetch only; the same values);
   prefill   the many-row kernels (dsv3.kernels.cpu.prefill_paths: bf16 GEMMs, routed experts of many tokens,
             prefill attention, RMSNorm of any row count; off: PyTorch's GEMMs, grouped_mm and SDPA). This
             one times a prefill instead: `batch` prompts of --prompt-len tokens through the model, the
@@ -67,7 +70,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "bf16-packed", "prefill", "screen"],
+    p.add_argument("--ab", default="kernels", choices=["kernels", "fused", "bf16-dot", "bf16-packed", "far-fetch", "prefill",
+                                                    "screen"],
                    help="what is switched off and on (default: every kernel)")
     args = p.parse_args(argv)
     if cpu.library() is None:
@@ -81,6 +85,7 @@ def main(argv=None):
     if args.ab == "bf16-dot" and not cpu.bf16_dot():
         raise SystemExit("--ab bf16-dot: this CPU has no AVX512-BF16")
     library, mla_block, dot, pre, packed = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.prefill_paths(), cpu.bf16_packed()
+    far = cpu.far_fetch()
     heads = None
     if args.ab == "screen":
         from dsv3.infer.screen import GreedyHead, greedy_head
@@ -101,6 +106,8 @@ def main(argv=None):
             cpu.prefill_paths(on)
         elif args.ab == "bf16-packed":
             cpu.bf16_packed(on)
+        elif args.ab == "far-fetch":
+            cpu.far_fetch(on)
         else:
             cpu.bf16_dot(on)
 
@@ -110,6 +117,7 @@ def main(argv=None):
         cpu.library, cpu.mla_block = library, mla_block
         cpu.bf16_dot(dot)
         cpu.bf16_packed(packed)
+        cpu.far_fetch(far)
         cpu.prefill_paths(pre)
 
     if args.ab == "prefill":

@@ -99,6 +99,30 @@ def test_bf16_decode_and_prefill_products_give_the_same_values(K, N):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_far_fetch_changes_no_value(dtype):
+    """The fetch of weight rows ahead into L2 (across the routed experts) is a hint: the experts and the few-row
+    products give bitwise the same values with it off, for experts whose tokens span more than one chunk of 8
+    and rows ahead that run past the last expert or matrix."""
+    g = torch.Generator().manual_seed(5)
+    E, D, I, T = 6, 96, 40, 20
+    x, w = torch.randn(T, D, generator=g).to(dtype), torch.randn(300, D, generator=g).to(dtype)
+    w1, w3, w2 = (torch.randn(*s, generator=g).to(dtype) for s in ((E, I, D), (E, I, D), (E, D, I)))
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    idx[:12, 0] = 4  # expert 4 gets two chunks of pairs
+    gw = torch.rand(T, 2, generator=g)
+    before = cpu.far_fetch()
+    try:
+        got = {}
+        for on in (True, False):
+            cpu.far_fetch(on)
+            got[on] = (cpu.moe(x, w1, w3, w2, idx, gw), cpu.linear(x[:9], w), cpu.linear(x[:1], w))
+    finally:
+        cpu.far_fetch(before)
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
+@needs_kernels
 def test_bf16_weights_packed_once_again_when_changed_and_dropped_with_the_weight():
     import gc
 
@@ -307,7 +331,7 @@ def test_engine_tokens_with_and_without_kernels(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot", "bf16-packed", "screen"])
+@pytest.mark.parametrize("ab", ["kernels", "fused", "bf16-dot", "bf16-packed", "far-fetch", "screen"])
 def test_kernels_bench_runs(capsys, monkeypatch, load_benchmark, ab):
     """benchmarks/kernels_bench.py (the A/B behind docs/engine.md's figures) on the tiny preset, for each thing
     it switches (for "screen", the head screen let onto the tiny head); fp32, so the greedy tokens must agree
@@ -320,14 +344,14 @@ def test_kernels_bench_runs(capsys, monkeypatch, load_benchmark, ab):
         if not cpu.vnni() or screen._onednn_linear() is None:
             pytest.skip("needs AVX512-VNNI and oneDNN's int8 linear")
         monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
-    library, mla_block, dot, packed = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.bf16_packed()
+    library, mla_block, dot, packed, far = cpu.library, cpu.mla_block, cpu.bf16_dot(), cpu.bf16_packed(), cpu.far_fetch()
     load_benchmark("kernels_bench").main(["--preset", "tiny", "--batch", "1", "3", "--rounds", "2", "--new-tokens", "4",
                                           "--ab", ab])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
     # the A/B put everything back
     assert cpu.library is library and cpu.mla_block is mla_block and cpu.bf16_dot() == dot
-    assert cpu.bf16_packed() == packed
+    assert cpu.bf16_packed() == packed and cpu.far_fetch() == far
 
 
 @needs_kernels

@@ -251,6 +251,16 @@ def test_dense_mlp_takes_the_experts_kernel_unless_hooked(monkeypatch):
     assert torch.equal(global_hooked, hooked)
 
 
+def test_gemm_bench_decode_ab_runs(capsys, load_benchmark):
+    """benchmarks/gemm_bench.py --decode (behind docs/engine.md's packed-projection figures): a row per row count,
+    and the packed setting put back."""
+    packed = cpu.bf16_packed()
+    load_benchmark("gemm_bench").main(["--decode", "--rounds", "1"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.split("|")[1:2] in ([" 1 "], [" 8 "], [" 16 "])]
+    assert len(rows) == 3 and all(len(r.strip("|").split("|")) == 5 for r in rows)
+    assert cpu.bf16_packed() == packed
+
+
 def test_gemm_bench_runs(capsys, load_benchmark):
     """benchmarks/gemm_bench.py (behind docs/engine.md's GEMM figures) on two small shapes: a row per shape with
     every timing and ratio."""

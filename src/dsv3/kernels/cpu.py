@@ -124,6 +124,8 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_pack_bf16.restype = None
             lib.dsv3_bf16_packed.argtypes = [i32]
             lib.dsv3_bf16_packed.restype = i32
+            lib.dsv3_far_fetch.argtypes = [i32]
+            lib.dsv3_far_fetch.restype = i32
             lib.dsv3_rmsnorm.argtypes = [p, i64, p, p, i64, i64, f32, i32, i32]
             lib.dsv3_rmsnorm.restype = i32
             lib.dsv3_rotary.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i32, i32]
@@ -168,6 +170,16 @@ def bf16_dot(on: bool | None = None) -> bool:
     if lib is None:
         return False
     return bool(lib.dsv3_bf16_dot(-1 if on is None else int(on)))
+
+
+def far_fetch(on: bool | None = None) -> bool:
+    """Whether the expert and few-row linear kernels also fetch, into L2, the weight rows 32 KB ahead in each
+    thread's order of reads (across the routed experts); `on` sets it (for A/B comparisons and the tests: it
+    changes no value). Returns the setting before the call."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.dsv3_far_fetch(-1 if on is None else int(on)))
 
 
 def unavailable_reason() -> str | None:

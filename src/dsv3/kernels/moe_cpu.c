@@ -17,7 +17,7 @@
  * one dot product evaluated the same way whatever the other rows are (a 16-wide accumulator per value,
  * fixed order of its partial sums and of their reduction): a row's result does not depend on the batch.
  * dsv3_linear in bf16 takes its weight packed instead (dsv3_pack_bf16) and sums each value in order over k
- * in a lane of its own (see linear_bf16): no reduction, and at 16 rows twice the rate.
+ * in a lane of its own (see linear_bf16): no reduction, and at 16 rows ~1.5x the rate.
  *
  * dtypes: fp32, or bf16 (weights, rows and outputs in bf16; products and sums in fp32, each output rounded
  * to bf16 once, as PyTorch's bf16 GEMMs do; the experts round their intermediate values to bf16 where
@@ -38,6 +38,16 @@
  * instructions per line sit between the loads. 16-32 KB measured alike; see dots_rm. */
 #define FAR_BYTES 32768
 #endif
+
+/* whether the far fetch runs (dsv3_far_fetch: for A/B comparisons, benchmarks/kernels_bench.py --ab far-fetch; it
+ * changes no value) */
+static int g_far = 1;
+
+int dsv3_far_fetch(int on) {
+    int prev = g_far;
+    if (on >= 0) g_far = on != 0;
+    return prev;
+}
 
 /* rows[0..M) (K values each, fp32 or bf16) packed for the dot products: dp = 0, [kblocks(K)][M][16] fp32; dp = 1
  * (bf16 dot products), [(K + 31) / 32][M][32] bf16 (fp32 rows then hold bf16 numbers, converted exactly). The
@@ -205,6 +215,7 @@ typedef struct {
  * [lo, hi) of the expert's matrix), as base + expert * mat + row * row_bytes; dflt where there is none */
 static const void *row_ahead(const moe_t *j, const char *base, int64_t mat, int64_t row_bytes, int64_t e, int64_t c,
                              int64_t i, int64_t n, const void *dflt) {
+    if (!g_far) return dflt;
     while (i + n >= j->hi) {
         n -= j->hi - i; /* now counted from the next pass's first row */
         i = j->lo;
@@ -348,8 +359,8 @@ done:
  * padded): one 64-byte load holds k = 2i, 2i + 1 of 16 outputs, widened exactly to two fp32 vectors. Each output
  * is one fp32 sum over k in ascending order, a fused multiply-add per term, in a lane of its own: no reduction,
  * and the rows' values broadcast, so a tile of NB blocks of 16 outputs x MR rows costs one weight load per 2 * MR
- * multiply-adds. At 16 rows it runs the `small` preset's projections at ~60 G multiply-adds/s here, where the dot
- * products reduced per output (dsv3_linear's other form, vdpbf16ps or FMA pairs alike) reach ~32. The order of a
+ * multiply-adds. At 16 rows it runs the `small` preset's projections 1.5x as fast as the dot products reduced per
+ * output (dsv3_linear's other form), weights read from memory (benchmarks/gemm_bench.py --decode). The order of a
  * value's sum does not depend on the rows or the tile, so a row's result does not depend on the batch; it is the
  * order of the prefill GEMM (gemm_cpu.c), so decode and prefill give a row the same values. */
 void dsv3_pack_bf16(const uint16_t *w, int64_t N, int64_t K, uint16_t *dst) {
@@ -375,7 +386,7 @@ static inline __attribute__((always_inline)) void lb_tile(const lb_t *j, int64_t
     /* the first row group streams the weights: it fetches ahead, into L2 whole tiles ahead as long as they are
      * this thread's (past the end of a small matrix they would only cost bandwidth) */
     const int64_t tiles = (FAR_BYTES + NB * bs * 2 - 1) / (NB * bs * 2);
-    const int fetch = m0 == 0, fetch_far = fetch && b + (tiles + 1) * NB <= j->hi;
+    const int fetch = m0 == 0, fetch_far = fetch && g_far && b + (tiles + 1) * NB <= j->hi;
     const int64_t far = tiles * NB * bs * 2; /* bytes */
     for (int c = 0; c < NB; c++) {
         wb[c] = j->wp + (b + c) * bs;
@@ -469,8 +480,8 @@ static void *lin_run(void *arg) {
         int R = j->hi - n >= 2 ? 2 : 1;
         const void *w[2] = {j->w + n * j->K * es, j->w + (n + R - 1) * j->K * es};
         /* rows ahead (this thread's) into L2 during the first chunk; the rows themselves (in L1) after */
-        const void *far[2] = {n + ahead < j->hi ? j->w + (n + ahead) * j->K * es : w[0],
-                              n + R - 1 + ahead < j->hi ? j->w + (n + R - 1 + ahead) * j->K * es : w[1]};
+        const int fa = g_far && n + R - 1 + ahead < j->hi;
+        const void *far[2] = {fa ? j->w + (n + ahead) * j->K * es : w[0], fa ? j->w + (n + R - 1 + ahead) * j->K * es : w[1]};
         for (int64_t m0 = 0; m0 < j->M; m0 += MAXM) {
             int M = (int)(j->M - m0 < MAXM ? j->M - m0 : MAXM);
             dots_for(j->bf, j->dp, R, M)(w, m0 == 0 ? far : w, j->xp + (m0 / MAXM) * chunk, j->K, res);
