@@ -421,19 +421,16 @@ static void route_one(const float *s, const float *bias, int64_t E, int64_t K, i
 /* y = w2 (silu(w1 n) * (w3 n)) for M rows n (M, D): a SwiGLU MLP of inner size I (w1, w3 (I, D), w2 (D, I);
  * in bf16 packed by dsv3_pack_bf16, as dsv3_linear takes them),
  * with the PyTorch path's roundings (each product, the silu and their product in the activation dtype);
- * buf holds 3 * M * I values */
+ * buf holds 2 * M * I values */
 static int swiglu(const void *n, const void *w1, const void *w3, const void *w2, void *y, int64_t M, int64_t D,
                   int64_t I, char *buf, int nthreads, int bf) {
     const int64_t es = bf ? 2 : 4;
-    char *a = buf, *b = a + M * I * es, *h = b + M * I * es;
+    char *a = buf, *b = a + M * I * es;
     int rc;
     if ((rc = dsv3_linear(n, w1, a, M, D, I, nthreads, bf)) || (rc = dsv3_linear(n, w3, b, M, D, I, nthreads, bf)))
         return rc;
-    for (int64_t i = 0; i < M * I; i++) {
-        if (bf) ((uint16_t *)h)[i] = f2bf(gated(bf2f(((uint16_t *)a)[i]), bf2f(((uint16_t *)b)[i]), 1));
-        else ((float *)h)[i] = gated(((float *)a)[i], ((float *)b)[i], 0);
-    }
-    return dsv3_linear(h, w2, y, M, I, D, nthreads, bf);
+    gated_rows(a, b, M * I, bf, bf);
+    return dsv3_linear(a, w2, y, M, I, D, nthreads, bf);
 }
 
 /* out = x + ffn(rmsnorm(x)) for M rows of D values (x, out (M, D) contiguous; out may be x): Block.forward's
@@ -452,7 +449,7 @@ int dsv3_ffn_block(const void *x, void *out, int64_t M, int64_t D, const void *n
     if (M == 0) return 0;
     const int64_t inner = SI > I ? SI : I;
     /* scratch parts, each 64-byte aligned */
-    const size_t sizes[8] = {(size_t)(M * D * es), (size_t)(M * D * es), (size_t)(M * D * es), (size_t)(3 * M * inner * es),
+    const size_t sizes[8] = {(size_t)(M * D * es), (size_t)(M * D * es), (size_t)(M * D * es), (size_t)(2 * M * inner * es),
                              (size_t)(M * E) * 4, (size_t)(M * E) * 4, (size_t)(M * K) * 4, (size_t)(M * K) * 8 + (size_t)D * 4};
     size_t offs[8], total = 0;
     for (int i = 0; i < 8; i++) {

@@ -42,14 +42,6 @@ static inline __m512 reduce16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-/* silu(a) * b as the PyTorch path computes a SwiGLU's gated product: in bf16 the two products a and b, the
- * silu and the result are each materialised, so each is rounded to bf16 */
-static inline float gated(float a, float b, int bf) {
-    if (!bf) return a / (1.0f + expf(-a)) * b;
-    a = round_bf(a);
-    return round_bf(round_bf(a / (1.0f + expf(-a))) * round_bf(b));
-}
-
 /* fp32 -> bf16 by round to nearest even, 16 at a time, as f2bf (NaN stays NaN) */
 static inline __m256i to_bf16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
@@ -107,6 +99,26 @@ static inline void store16(void *o, int64_t i, __m512 v, int64_t n, int bf) {
     __mmask16 m = lanes(n);
     if (bf) _mm256_mask_storeu_epi16((uint16_t *)o + i, m, to_bf16(v));
     else _mm512_mask_storeu_ps((float *)o + i, m, v);
+}
+
+/* silu(a) * b, 16 at a time, as the PyTorch path computes a SwiGLU's gated product: in bf16 the two products a
+ * and b, the silu and the result are each materialised, so each is rounded to bf16; e^x by vexp */
+static inline __m512 gated16(__m512 a, __m512 b, int bf) {
+    if (bf) {
+        a = round_bf16(a);
+        b = round_bf16(b);
+    }
+    __m512 s = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+    __m512 r = _mm512_mul_ps(bf ? round_bf16(s) : s, b);
+    return bf ? round_bf16(r) : r;
+}
+
+/* h1[i] = gated16(h1[i], h3[i]) for i < n: values stored in dtype sbf (bf16 or fp32), rounded as dtype bf */
+static inline void gated_rows(void *h1, const void *h3, int64_t n, int sbf, int bf) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        store16(h1, i, gated16(loadw_mask(h1, i, m, sbf), loadw_mask(h3, i, m, sbf), bf), n - i, sbf);
+    }
 }
 
 /* dst[0..n) = src[0..n) as fp32 (bf16 widened exactly, fp32 copied) */

@@ -170,17 +170,6 @@ int dsv3_gemm(const void *x, int64_t ldx, const void *w, void *out, int64_t ldo,
 
 /* ------------------------------------------------------------------ routed experts of many tokens */
 
-/* h1[i] = gated(h1[i], h3[i], bf) for i < n, 16 at a time with e^x by vexp */
-static void gated_rows(void *h1, const void *h3, int64_t n, int bf) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = lanes(n - i);
-        __m512 a = loadw_mask(h1, i, m, bf), b = loadw_mask(h3, i, m, bf);
-        __m512 s = _mm512_div_ps(a, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-        store16(h1, i, _mm512_mul_ps(bf ? round_bf16(s) : s, b), n - i, bf);
-    }
-}
-
 /* The routed experts of many tokens, with dsv3_moe's arguments and values (h = silu(w1 x) * (w3 x), in bf16 each
  * product rounded as the PyTorch path materialises it; y = w2 h; each token's sum of g * y over its experts in
  * ascending expert order in fp32, rounded once in bf16), the products as the GEMMs above over each expert's
@@ -217,7 +206,7 @@ int dsv3_moe_gemm(const void *x, const void *w1, const void *w3, const void *w2,
         widen_rows(x, D, spairs + q0, K, n, D, bf, a); /* the expert's token rows, once for w1 and w3 */
         if ((rc = gemm_widened(a, e1, g1, I, n, D, I, nthreads, bf, buf)) != 0) break;
         if ((rc = gemm_widened(a, e3, g3, I, n, D, I, nthreads, bf, buf)) != 0) break;
-        gated_rows(g1, g3, n * I, bf);
+        gated_rows(g1, g3, n * I, bf, bf);
         widen_rows(g1, I, NULL, 1, n, I, bf, a);
         rc = gemm_widened(a, e2, y + q0 * D * es, D, n, I, D, nthreads, bf, buf);
     }

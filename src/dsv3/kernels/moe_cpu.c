@@ -204,7 +204,7 @@ static inline dots_fn dots_for(int bf, int dp, int R, int M) { return dp ? DOTS_
 typedef struct {
     const float *xp, *gw, *hp;
     const char *w1, *w3, *w2; /* fp32 or bf16 (es bytes per value) */
-    float *out, *h;           /* out: fp32 (T, D) sums */
+    float *out, *h, *h3;      /* out: fp32 (T, D) sums; h, h3: (NP, I) the products of w1 and w3, then h the gated */
     const int64_t *begin, *count, *spairs;
     int64_t D, I, K, E, lo, hi; /* this thread's rows of the phase: [lo, hi) of I (phase 1) or of D (2) */
     int bf, dp; /* dp: bf16 products as dot products (rows packed by pack with dp = 1) */
@@ -233,7 +233,8 @@ static const void *row_ahead(const moe_t *j, const char *base, int64_t mat, int6
 static inline int64_t far_rows(int64_t row_bytes) { return row_bytes >= FAR_BYTES ? 1 : FAR_BYTES / row_bytes; }
 
 /* h_q[i] = silu(w1_e[i] . x_t) * (w3_e[i] . x_t) for this thread's i (bf16: each of the two products,
- * the silu and the result rounded to bf16, as the PyTorch path materialises them) */
+ * the silu and the result rounded to bf16, as the PyTorch path materialises them): the products first, then
+ * each row's span gated 16 at a time */
 static void *moe_phase1(void *arg) {
     const moe_t *j = (const moe_t *)arg;
     float res[2][MAXM];
@@ -252,9 +253,12 @@ static void *moe_phase1(void *arg) {
                                       row_ahead(j, j->w3, mat, rb, e, c, i, ahead, w[1])};
                 dots(w, far, xp, j->D, res);
                 for (int m = 0; m < M; m++) {
-                    j->h[(c + m) * j->I + i] = gated(res[0][m], res[1][m], j->bf);
+                    j->h[(c + m) * j->I + i] = res[0][m];
+                    j->h3[(c + m) * j->I + i] = res[1][m];
                 }
             }
+            for (int m = 0; m < M; m++)
+                gated_rows(j->h + (c + m) * j->I + j->lo, j->h3 + (c + m) * j->I + j->lo, j->hi - j->lo, 0, j->bf);
         }
     }
     return NULL;
@@ -319,7 +323,7 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
     int rc = 0;
     int64_t *count = calloc((size_t)E, sizeof(int64_t)), *begin = malloc((size_t)(E + 1) * sizeof(int64_t));
     int64_t *fill = malloc((size_t)E * sizeof(int64_t)), *spairs = NULL;
-    float *xp = NULL, *hp = NULL, *h = NULL, *acc = NULL;
+    float *xp = NULL, *hp = NULL, *h = NULL, *h3 = NULL, *acc = NULL;
     if (!count || !begin || !fill) { rc = -2; goto done; }
     for (int64_t p = 0; p < P; p++) count[idx[p]]++;
     begin[0] = 0;
@@ -329,15 +333,16 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
     xp = aligned_alloc(64, (size_t)(nch * kblocks(D) * 16 * MAXM) * sizeof(float));
     hp = aligned_alloc(64, (size_t)(nch * kblocks(I) * 16 * MAXM) * sizeof(float));
     h = malloc((size_t)(NP * I) * sizeof(float));
+    h3 = malloc((size_t)(NP * I) * sizeof(float));
     acc = bf ? calloc((size_t)(T * D), sizeof(float)) : (float *)out;
-    if (!spairs || !xp || !hp || !h || !acc) { rc = -2; goto done; }
+    if (!spairs || !xp || !hp || !h || !h3 || !acc) { rc = -2; goto done; }
     memcpy(fill, begin, (size_t)E * sizeof(int64_t));
     for (int64_t p = 0; p < P; p++) spairs[fill[idx[p]]++] = p; /* stable: token order within an expert */
     const int dp = bf && dp_on();
     pack_runs(begin, count, E, (const char *)x, D * es, spairs, K, bf, dp, D, xp); /* token rows */
     moe_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, begin, count, spairs, D, I, K, E, 0, 0, bf, dp};
+        moe_t jb = {xp, gw, hp, w1, w3, w2, acc, h, h3, begin, count, spairs, D, I, K, E, 0, 0, bf, dp};
         split(I, t, nthreads, &jb.lo, &jb.hi);
         jobs[t] = jb;
     }
@@ -349,7 +354,7 @@ int dsv3_moe(const void *x, const void *w1, const void *w3, const void *w2, cons
         for (int64_t i = 0; i < T * D; i++) ((uint16_t *)out)[i] = f2bf(acc[i]);
 done:
     if (bf) free(acc);
-    free(count); free(begin); free(fill); free(spairs); free(xp); free(hp); free(h);
+    free(count); free(begin); free(fill); free(spairs); free(xp); free(hp); free(h); free(h3);
     return rc;
 }
 
