@@ -105,6 +105,34 @@ def test_mla_attend_against_float64_naive_attention(masked):
     assert torch.equal(got, via_slots)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_attend_query_alone_equals_it_among_others(dtype):
+    """The kernel absorbs the queries of a head in groups (each head's W_k and W_v read once for several
+    queries): a query's result is bitwise the same alone, in a group of any size and at 1 or 2 threads."""
+    torch.manual_seed(1)
+    H, nope, R, C, v, L = 4, 16, 8, 32, 16, 19
+    B = 7  # groups of 4 and 3
+    q = torch.randn(B, 1, H, nope + R).to(dtype)
+    kv, pe = torch.randn(B, L, C).to(dtype), torch.randn(B, L, R).to(dtype)
+    mask = torch.arange(L)[None, None, :] <= torch.randint(0, L, (B, 1, 1))
+    ang = torch.randn(B, 1, R // 2)
+    cos, sin = ang.cos(), ang.sin()
+    w_k, w_vt = torch.randn(H, nope, C) * 0.2, torch.randn(H, C, v) * 0.2
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = cpu.mla_attend(q, cos, sin, kv, pe, mask, w_k, w_vt, nope, 0.3, True)
+        torch.set_num_threads(1)
+        alone = [cpu.mla_attend(q[b:b + 1], cos[b:b + 1], sin[b:b + 1], kv[b:b + 1], pe[b:b + 1], mask[b:b + 1],
+                                w_k, w_vt, nope, 0.3, True) for b in range(B)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[1], got[2])
+    assert torch.equal(got[1], torch.cat(alone))
+
+
 # configs of the family: V3 (sigmoid, noaux_tc, q-LoRA, YaRN), V2 (softmax, greedy or group-limited, no
 # q-LoRA, no renormalisation), one expert per token, no shared experts with rotated halves, a large bias
 CONFIGS = {

@@ -12,8 +12,10 @@
  *                     o_h     = W_v,h (sum_l p_hl kv_l)                  (v values per head)
  *
  * Every value is computed in fp32 in an order that does not depend on the other rows of the call or on
- * the number of threads (each (query, head) is one job; each dot product is a 16-wide accumulator reduced
- * in a fixed order), so a sequence's result does not depend on the batch. bf16 inputs are widened
+ * the number of threads (each (query, head) is one job; the absorptions into and out of the latent space run
+ * per head over groups of queries sharing each weight load, each value summed the same way in any group;
+ * each dot product is a 16-wide accumulator reduced in a fixed order), so a sequence's result does not depend
+ * on the batch. bf16 inputs are widened
  * exactly and the outputs rounded to bf16 where the PyTorch path rounds them (after the normalisation
  * and after the weight product of RMSNorm, after the rotation, once at the end of attention).
  */
@@ -32,32 +34,53 @@ static void add_rows(const void *x, const void *y, void *out, int64_t n, int bf)
     }
 }
 
-/* y[0..m) = sum_i x[i] W[i][0..m) for W (n, m) row-major: 4 column blocks of 16 at a time, their sums kept in
- * registers over i (a fixed order for each value) */
-static inline void vecmat(const float *x, const float *W, int64_t n, int64_t m, float *y) {
+/* y_r[0..m) = sum_i x_r[i] W[i][0..m) for Q rows r (W (n, m) row-major, Q <= VQ): 4 column blocks of 16 at a
+ * time, their sums kept in registers over i; each value is its sum from zero in ascending i, one fused
+ * multiply-add a term, whatever Q (a row gets the same values alone), and each weight load serves the Q rows */
+#define VQ 4
+static inline __attribute__((always_inline)) void vecmat_q(const float *const *x, const int Q, const float *W, int64_t n,
+                                                           int64_t m, float *const *y) {
     int64_t j = 0;
     for (; j + 64 <= m; j += 64) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 acc[VQ][4];
+        for (int r = 0; r < Q; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i++) {
             const float *w = W + i * m + j;
-            __m512 xv = _mm512_set1_ps(x[i]);
-            a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
-            a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
-            a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
-            a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 48), a3);
+            __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
+                   w3 = _mm512_loadu_ps(w + 48);
+            for (int r = 0; r < Q; r++) {
+                __m512 xv = _mm512_set1_ps(x[r][i]);
+                acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
+            }
         }
-        _mm512_storeu_ps(y + j, a0);
-        _mm512_storeu_ps(y + j + 16, a1);
-        _mm512_storeu_ps(y + j + 32, a2);
-        _mm512_storeu_ps(y + j + 48, a3);
+        for (int r = 0; r < Q; r++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(y[r] + j + 16 * c, acc[r][c]);
     }
     for (; j < m; j += 16) {
         __mmask16 k = lanes(m - j);
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i++) a = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_maskz_loadu_ps(k, W + i * m + j), a);
-        _mm512_mask_storeu_ps(y + j, k, a);
+        for (int r = 0; r < Q; r++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n; i++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r][i]), _mm512_maskz_loadu_ps(k, W + i * m + j), acc);
+            _mm512_mask_storeu_ps(y[r] + j, k, acc);
+        }
     }
 }
+
+#define VECMAT(Q) \
+    static void vecmat_##Q(const float *const *x, const float *W, int64_t n, int64_t m, float *const *y) { \
+        vecmat_q(x, Q, W, n, m, y); \
+    }
+VECMAT(1)
+VECMAT(2)
+VECMAT(3)
+VECMAT(4)
+static void (*const VECMATS[VQ + 1])(const float *const *, const float *, int64_t, int64_t, float *const *) = {
+    NULL, vecmat_1, vecmat_2, vecmat_3, vecmat_4};
 
 /* ------------------------------------------------------------------ RMSNorm */
 
@@ -162,6 +185,7 @@ typedef struct {
 
 #define HB 8  /* heads of one query attended together: each cache row is read once for them */
 #define TB 16 /* cache rows scored together: 16 dot products reduced into one vector */
+#define PV 8  /* latent vectors weighted together (independent sums, one per vector of 16 values) */
 
 /* the cache row of (b, l): its kv (C values) and pe (R values) */
 static inline void cache_row(const attn_t *a, int64_t b, int64_t l, const char **kr, const char **pr) {
@@ -200,29 +224,61 @@ static __mmask16 load_block(const attn_t *a, int64_t b, int64_t l0, const uint8_
     return vis;
 }
 
-/* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB; buf: this thread's scratch.
- * Rows are handled in blocks of TB, widened to fp32 side by side (kv then pe, zero-padded to P values); rows
- * the query does not see are zeros and their scores -inf, so they add exact zeros and a sequence's result
- * does not depend on the longer sequences it is batched with. */
-static void attend_one(const attn_t *a, int64_t job, float *buf) {
-    const int64_t nhb = (a->H + HB - 1) / HB, qi = job / nhb, h0 = (job % nhb) * HB;
-    const int64_t hb = a->H - h0 < HB ? a->H - h0 : HB, b = qi / a->S, s = qi % a->S;
-    const int64_t C = a->C, R = a->R, L = a->L, es = a->bf ? 2 : 4, qd = a->nope + R, P = kblocks(C + R) * 16;
-    float *qj = buf, *sc = qj + HB * P, *olat = sc + HB * kblocks(L) * 16, *blk = olat + HB * P, tmp[1024];
-    const uint8_t *mrow = a->mask ? a->mask + qi * L : NULL;
-    const int64_t last = L - a->S + s; /* causal without a mask: slots 0..L-S+s */
-    /* the queries, joined: nope part moved into the latent space (C values), then the rotated rope part (R) */
-    memset(qj, 0, (size_t)(HB * P) * sizeof(float));
-    for (int64_t h = 0; h < hb; h++) {
-        const char *qh = a->q + ((qi * a->H + h0 + h) * qd) * es;
-        float *q = qj + h * P;
+/* The queries of head h for queries [q0, q0 + nq) (nq <= VQ), joined into qj + (qi * H + h) * P: the nope part
+ * moved into the latent space (C values, W_k,h read once for the nq queries), then the rotated rope part (R),
+ * zeros up to P */
+static void absorb_queries(const attn_t *a, int64_t h, int64_t q0, int nq, float *qj) {
+    const int64_t C = a->C, R = a->R, es = a->bf ? 2 : 4, qd = a->nope + R, P = kblocks(C + R) * 16;
+    float nope[VQ][1024], tmp[1024];
+    const float *xs[VQ];
+    float *ys[VQ];
+    for (int r = 0; r < nq; r++) {
+        const int64_t qi = q0 + r;
+        const char *qh = a->q + ((qi * a->H + h) * qd) * es;
+        float *q = qj + (qi * a->H + h) * P;
         widen(qh + a->nope * es, a->bf, R, tmp);
         rotate(tmp, a->cs + qi * (R / 2), a->sn + qi * (R / 2), R, a->interleave, q + C);
         if (a->bf) /* rounded as the PyTorch path stores the rotated query */
             for (int64_t i = 0; i < R; i++) q[C + i] = round_bf(q[C + i]);
-        widen(qh, a->bf, a->nope, tmp);
-        vecmat(tmp, a->wk + (h0 + h) * a->nope * C, a->nope, C, q); /* W_k,h (nope, C) */
+        memset(q + C + R, 0, (size_t)(P - C - R) * sizeof(float));
+        widen(qh, a->bf, a->nope, nope[r]);
+        xs[r] = nope[r];
+        ys[r] = q;
     }
+    VECMATS[nq](xs, a->wk + h * a->nope * C, a->nope, C, ys); /* W_k,h (nope, C) */
+}
+
+/* back out of the latent space for head h and queries [q0, q0 + nq): o_h = W_v,h o_lat_h, with W_v,h^T stored
+ * (C, V), read once for the nq queries; olat as attend_one leaves it */
+static void unabsorb(const attn_t *a, int64_t h, int64_t q0, int nq, const float *olat) {
+    const int64_t C = a->C, P = kblocks(C + a->R) * 16;
+    float o[VQ][1024];
+    const float *xs[VQ];
+    float *ys[VQ];
+    for (int r = 0; r < nq; r++) {
+        xs[r] = olat + ((q0 + r) * a->H + h) * P;
+        ys[r] = o[r];
+    }
+    VECMATS[nq](xs, a->wvt + h * C * a->V, C, a->V, ys);
+    for (int r = 0; r < nq; r++)
+        for (int64_t i = 0; i < a->V; i += 16)
+            store16(a->out, ((q0 + r) * a->H + h) * a->V + i, _mm512_maskz_loadu_ps(lanes(a->V - i), o[r] + i), a->V - i,
+                    a->bf);
+}
+
+/* job j: query (b, s) = j / nhb, heads [h0, h0 + hb) with h0 = (j % nhb) * HB, its joined queries in qj (from
+ * absorb_queries) -> the probability-weighted latents in olat (same layout); buf: this thread's scratch.
+ * Rows are handled in blocks of TB, widened to fp32 side by side (kv then pe, zero-padded to P values); rows
+ * the query does not see are zeros and their scores -inf, so they add exact zeros and a sequence's result
+ * does not depend on the longer sequences it is batched with. */
+static void attend_one(const attn_t *a, int64_t job, const float *qj_all, float *olat_all, float *buf) {
+    const int64_t nhb = (a->H + HB - 1) / HB, qi = job / nhb, h0 = (job % nhb) * HB;
+    const int64_t hb = a->H - h0 < HB ? a->H - h0 : HB, b = qi / a->S, s = qi % a->S;
+    const int64_t C = a->C, R = a->R, L = a->L, P = kblocks(C + R) * 16;
+    const float *qj = qj_all + (qi * a->H + h0) * P;
+    float *olat = olat_all + (qi * a->H + h0) * P, *sc = buf, *blk = sc + HB * kblocks(L) * 16;
+    const uint8_t *mrow = a->mask ? a->mask + qi * L : NULL;
+    const int64_t last = L - a->S + s; /* causal without a mask: slots 0..L-S+s */
     /* pass 1: scores, TB rows at a time */
     const __m512 scale = _mm512_set1_ps(a->scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int64_t l0 = 0; l0 < L; l0 += TB) {
@@ -256,25 +312,25 @@ static void attend_one(const attn_t *a, int64_t job, float *buf) {
         for (int64_t l = 0; l < LP; l += 16) _mm512_storeu_ps(sh + l, _mm512_mul_ps(_mm512_loadu_ps(sh + l), inv));
     }
     /* pass 2: the probability-weighted latent, TB rows at a time */
-    memset(olat, 0, (size_t)(HB * P) * sizeof(float));
+    memset(olat, 0, (size_t)(hb * P) * sizeof(float));
     const int64_t CP = kblocks(C) * 16;
     for (int64_t l0 = 0; l0 < L; l0 += TB) {
         load_block(a, b, l0, mrow, last, C, P, blk);
         for (int64_t h = 0; h < hb; h++) {
             const float *p = sc + h * LP + l0;
             float *o = olat + h * P;
-            for (int64_t k = 0; k < CP; k += 16) {
-                __m512 acc = _mm512_loadu_ps(o + k);
-                for (int j = 0; j < TB; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(blk + j * P + k), acc);
-                _mm512_storeu_ps(o + k, acc);
+            for (int64_t k0 = 0; k0 < CP; k0 += 16 * PV) { /* PV vectors of the latent in registers over the rows */
+                const int nv = (int)((CP - k0) / 16 < PV ? (CP - k0) / 16 : PV);
+                __m512 acc[PV];
+                for (int v = 0; v < nv; v++) acc[v] = _mm512_loadu_ps(o + k0 + 16 * v);
+                for (int j = 0; j < TB; j++) {
+                    const __m512 pj = _mm512_set1_ps(p[j]);
+                    const float *row = blk + j * P + k0;
+                    for (int v = 0; v < nv; v++) acc[v] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(row + 16 * v), acc[v]);
+                }
+                for (int v = 0; v < nv; v++) _mm512_storeu_ps(o + k0 + 16 * v, acc[v]);
             }
         }
-    }
-    /* back out of the latent space: o_h = W_v,h o_lat_h, with W_v,h^T stored (C, V) */
-    for (int64_t h = 0; h < hb; h++) {
-        float *o = tmp;
-        vecmat(olat + h * P, a->wvt + (h0 + h) * C * a->V, C, a->V, o);
-        for (int64_t i = 0; i < a->V; i++) store(a->out, a->bf, (qi * a->H + h0 + h) * a->V + i, o[i]);
     }
 }
 
@@ -291,23 +347,43 @@ int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void 
     if (R > 1024 || nope > 1024 || V > 1024 || R % 2) return -3;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
-    const int64_t njobs = B * S * ((H + HB - 1) / HB);
+    const int64_t nq = B * S, njobs = nq * ((H + HB - 1) / HB), ngroups = H * ((nq + VQ - 1) / VQ);
     if (njobs == 0) return 0;
     if (nthreads > njobs) nthreads = (int)njobs;
     attn_t a = {(const char *)q, (const char *)kv, (const char *)pe, cs, sn, wk, wvt, slots, mask, (char *)out,
                 B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, scale, interleave, bf};
-    const size_t per = (size_t)(HB * kblocks(C + R) * 16 * 2 + HB * kblocks(L) * 16 + TB * kblocks(C + R) * 16) * sizeof(float);
+    const int64_t P = kblocks(C + R) * 16;
+    /* the joined queries and the weighted latents of every (query, head): the absorptions run per head over
+     * groups of VQ queries, so each head's W_k,h and W_v,h are read once per group, not once per query */
+    float *qj = aligned_alloc(64, (size_t)(nq * H * P) * sizeof(float) + 64);
+    float *olat = aligned_alloc(64, (size_t)(nq * H * P) * sizeof(float) + 64);
+    const size_t per = (size_t)(HB * kblocks(L) * 16 + TB * P) * sizeof(float);
+    if (!qj || !olat) {
+        free(qj); free(olat);
+        return -2;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
     {
         float *buf = malloc(per);
 #pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; g++) {
+            int64_t h = g % H, q0 = g / H * VQ;
+            absorb_queries(&a, h, q0, (int)(nq - q0 < VQ ? nq - q0 : VQ), qj);
+        }
+#pragma omp for schedule(static)
         for (int64_t j = 0; j < njobs; j++) {
-            if (buf) attend_one(&a, j, buf);
+            if (buf) attend_one(&a, j, qj, olat, buf);
             else failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < ngroups; g++) {
+            int64_t h = g % H, q0 = g / H * VQ;
+            unabsorb(&a, h, q0, (int)(nq - q0 < VQ ? nq - q0 : VQ), olat);
         }
         free(buf);
     }
+    free(qj); free(olat);
     return failed ? -2 : 0;
 }
 
