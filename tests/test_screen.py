@@ -365,7 +365,7 @@ def test_search_from_the_products_chunk_maxima_equals_the_search_over_a(kind, dt
     holds a NaN), so the search skips its pass over a: the same (row, id) pairs as the search over a and its
     tensor twin, including a row whose a holds a NaN (from a head row whose int8 scale is NaN: no candidates in
     any row then, as without the maxima) and a vocabulary that ends in a partial tile."""
-    w = weights(kind, V=48 * 41 + 20).to(dtype)
+    w = weights(kind, V=screen.CHUNK * 41 + 20).to(dtype)
     gh = GreedyHead(w, "c")
     h = hiddens()
     a, terms, cm = gh._screen_c(h.float())
@@ -394,3 +394,34 @@ def test_screen_is_rebuilt_when_its_c_kernel_goes_away(monkeypatch):
     assert gh.kernel in ("onednn", "dynamic")
     h = torch.randn(2, model.config.hidden_size)
     assert torch.equal(gh.argmax(h), torch.nn.functional.linear(h, model.head.weight).argmax(-1))
+
+
+@pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
+@pytest.mark.parametrize("D", [256, 250])
+def test_head_i8_values_and_chunk_maxima_are_the_exact_integer_products(D):
+    """head_i8's two forms (row lanes for each 16 rows of u, vocabulary lanes for the rest) against the integer
+    product in int64: the same fp32 values bitwise (the int32 sums are exact, then the two fp32 scalings), and
+    the same chunk maxima, at row counts that take either form or both, a vocabulary ending in a partial block
+    and chunk, K not a multiple of the packing's 8, and 1 or 2 threads."""
+    cpu = screen.cpu_kernels
+    g = torch.Generator().manual_seed(5)
+    V, zp, xs = cpu.I8_TILE_ROWS * 3 + 13, 128, 0.0123
+    q = torch.randint(-127, 128, (V, D), dtype=torch.int8, generator=g)
+    packed, qsum = cpu.i8_pack(q), q.sum(1, dtype=torch.int32)
+    ws = torch.rand(V, generator=g) * 0.01
+    Dp = -(-D // cpu.I8_K) * cpu.I8_K
+    threads = torch.get_num_threads()
+    try:
+        for R in (1, 5, 7, 16, 17, 33):
+            u = torch.randint(0, 256, (R, D), dtype=torch.uint8, generator=g)
+            up = torch.nn.functional.pad(u, (0, Dp - D), value=zp)
+            s = (u.long() - zp) @ q.long().t()  # exact
+            want = (s.float() * torch.tensor(xs, dtype=torch.float32)) * ws
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                got, cm = cpu.head_i8(up, packed, qsum, ws, xs, zp, V, chunk_max=True)
+                assert torch.equal(got, want), (R, n)
+                pad = torch.full((R, -V % cpu.I8_TILE_ROWS), float("-inf"))
+                assert torch.equal(cm, torch.cat([want, pad], 1).view(R, -1, cpu.I8_TILE_ROWS).amax(2)), (R, n)
+    finally:
+        torch.set_num_threads(threads)

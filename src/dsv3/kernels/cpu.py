@@ -376,22 +376,23 @@ def vnni() -> bool:
 
 
 def i8_pack(q: torch.Tensor) -> torch.Tensor:
-    """An int8 matrix (V, D) in head_i8's layout: blocks of 16 rows, [k / 4][16][4] bytes, zero padded."""
+    """An int8 matrix (V, D) in head_i8's layout: blocks of 8 rows, [k / 8][8][8] bytes, zero padded."""
     V, D = q.shape
-    Dp = (D + 3) // 4 * 4
-    out = torch.empty((V + 15) // 16 * 16 * Dp, dtype=torch.int8)
+    Dp = -(-D // I8_K) * I8_K
+    out = torch.empty(-(-V // 8) * 8 * Dp, dtype=torch.int8)
     library().dsv3_i8_pack(q.contiguous().data_ptr(), V, D, out.data_ptr())
     return out
 
 
-# The int8 product's tile of vocabulary rows (screen_cpu.c: VB * VG): the width of the chunks whose maxima
-# head_i8 hands to screen_candidates
+# The int8 product's chunk of vocabulary rows (screen_cpu.c: VB * CB): the width of the chunks whose maxima
+# head_i8 hands to screen_candidates; and the multiple of k its rows of u are padded to (screen_cpu.c: KB)
 I8_TILE_ROWS = 48
+I8_K = 8
 
 
 def head_i8(u: torch.Tensor, packed: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor, xs: float, zp: int,
             V: int, chunk_max: bool = False):
-    """(xs * (q u_r - zp * qsum)) * scale for the rows u (R, Dp) uint8 (zero padded to Dp, a multiple of 4) over
+    """(xs * (q u_r - zp * qsum)) * scale for the rows u (R, Dp) uint8 (padded with zp to Dp, a multiple of 8) over
     the int8 q (V, D) packed by i8_pack; qsum (V,) int32 = q.sum(1), scale (V,) fp32 -> (R, V) fp32. Every
     product and sum is exact (int32); the two fp32 scalings round. With chunk_max, also the maxima of each row
     over each I8_TILE_ROWS-wide chunk (R, ceil(V / I8_TILE_ROWS)), NaN where a chunk holds a NaN, taken while
@@ -434,11 +435,11 @@ def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tenso
 
 def screen_prepare(h: torch.Tensor, zp: int, rounding: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GreedyHead.argmax's quantization for head_i8 in one call: h (R, D) fp32 -> u (R, Dp) uint8 (each row
-    scaled to max |h| = 1, one scale xs for the finite rows, zero point zp, Dp = D rounded up to 4), the bound's
+    scaled to max |h| = 1, one scale xs for the finite rows, zero point zp, Dp = D rounded up to I8_K), the bound's
     terms (3, R) fp32 (NaN for a row that is not finite) and xs. The caller checks vnni()."""
     h = h.contiguous()
     R, D = h.shape
-    Dp = (D + 3) // 4 * 4
+    Dp = -(-D // I8_K) * I8_K
     u = torch.empty(R, Dp, dtype=torch.uint8)
     terms = torch.empty(3, R, dtype=torch.float32)
     xs = library().dsv3_screen_prepare(h.data_ptr(), R, D, Dp, zp, rounding, u.data_ptr(), terms.data_ptr())

@@ -3,9 +3,11 @@
  * tensor ops (and the passes over the (R, V) approximate logits) the twin takes per step. */
 #include "common.h"
 
-#define VB 16 /* the int8 product's vocabulary rows per packed block (below) */
-#define VG 3  /* blocks per tile: 48 rows */
-#define I8_TILE_ROWS (VB * VG)
+#define VB 8  /* the int8 product's vocabulary rows per packed block (below) */
+#define KB 8  /* bytes of k per vocabulary row and step of a block: [Dp / KB][VB][KB] */
+#define VG 3  /* blocks per tile of the vocabulary-lane product: 24 rows (the loop below takes up to 3) */
+#define CB 6  /* blocks per chunk whose maxima the product hands out */
+#define I8_TILE_ROWS (VB * CB) /* 48 */
 
 typedef struct {
     const float *a, *t, *f, *c, *m; /* a (R, V); terms t (3, R); factors f (3, V); chunk factors c (3, n); maxima m (3) */
@@ -128,136 +130,263 @@ int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, c
 
 /* ------------------------------------------------------------------ the int8 product of the screen */
 
-/* The approximate logits of the screen, a = xs * s_i * sum_j q_ij (u_j - zp), for up to a few dozen rows u (uint8)
- * over the int8 head copy q (per-row scales s), with AVX512-VNNI (vpdpbusd: 64 byte products a instruction,
- * summed in int32, exact). The copy is packed once (dsv3_i8_pack) in blocks of 16 vocabulary rows, [k / 4][16][4]
- * bytes, so one 64-byte load holds 4 k of 16 rows; a tile of 8 rows of u x 48 vocabulary rows then runs through
- * k with each row's 4 bytes broadcast (against oneDNN's int8 linear: benchmarks/kernels_bench.py --ab screen). */
-#define UR 8  /* rows of u per tile */
+/* The approximate logits of the screen, a = xs * s_i * sum_j q_ij (u_j - zp), for the rows u (uint8) over the
+ * int8 head copy q (per-row scales s), with AVX512-VNNI (vpdpbusd: 64 byte products an instruction, summed in
+ * int32, exact, so the order of the sums does not matter). The copy is packed once (dsv3_i8_pack) in blocks of
+ * 8 vocabulary rows, [k / 8][8][8] bytes: one 64-byte load holds 8 k of 8 rows. Two forms run on it:
+ *   - vocabulary lanes (a few rows of u): a tile of up to UR rows of u x 24 vocabulary rows runs through k with
+ *     each row's 8 bytes broadcast; each lane pair (one vocabulary row, two halves of k) is added at the end;
+ *   - row lanes (each 16 rows of u): the rows' bytes arranged as [k / 8][8 rows][8] for two groups of 8 rows,
+ *     each vocabulary row's 8 bytes broadcast against them: a single pass over the copy per 16 rows, where the
+ *     vocabulary-lane form re-runs each tile per 8 rows and overlapped its second run with nothing (at 16 rows
+ *     on the `small` preset's head, 6.9 -> ~6 ms per call in a scratch comparison; docs/engine.md).
+ * (Against oneDNN's int8 linear: benchmarks/kernels_bench.py --ab screen.) */
+#define UR 8  /* rows of u per tile of the vocabulary-lane form */
+#define RL 16 /* rows of u per pass of the row-lane form */
 
-/* q (V, D) int8 row-major -> dst: ceil(V / 16) blocks of (Dp / 4) x 16 x 4 bytes, Dp = D rounded up to 4, zero
+/* q (V, D) int8 row-major -> dst: ceil(V / 8) blocks of (Dp / 8) x 8 x 8 bytes, Dp = D rounded up to 8, zero
  * padded */
 void dsv3_i8_pack(const int8_t *q, int64_t V, int64_t D, int8_t *dst) {
-    const int64_t Dp = (D + 3) / 4 * 4, nb = (V + VB - 1) / VB;
+    const int64_t Dp = (D + KB - 1) / KB * KB, nb = (V + VB - 1) / VB;
     memset(dst, 0, (size_t)(nb * VB * Dp));
     for (int64_t i = 0; i < V; i++) {
-        int8_t *blk = dst + (i / VB) * VB * Dp + (i % VB) * 4;
-        for (int64_t j = 0; j < D; j++) blk[(j / 4) * VB * 4 + j % 4] = q[i * D + j];
+        int8_t *blk = dst + (i / VB) * VB * Dp + (i % VB) * KB;
+        for (int64_t j = 0; j < D; j++) blk[(j / KB) * VB * KB + j % KB] = q[i * D + j];
     }
 }
 
 typedef struct {
-    const uint8_t *u;
+    const uint8_t *ut, *uv; /* the rows of u arranged for the row-lane form (per 16 rows [2][Dp / 8][8][8]) and
+                             * for the vocabulary-lane form (the rest, per UR rows [Dp / 8][rows][8]) */
     const int8_t *p;
     const int32_t *qsum;
     const float *ws;
-    float *out, *cm; /* cm: NULL, or (R, ncm) the maxima of out over each tile's rows (NaN where one is NaN) */
+    float *out, *cm; /* cm: NULL, or (R, ncm) the maxima of out over each chunk's rows (NaN where one is NaN) */
     float xs;
     int32_t zp;
     int64_t R, V, Dp, ncm, lo, hi; /* this thread's blocks [lo, hi) */
 } i8_t;
 
-__attribute__((target("avx512vnni"))) static inline __attribute__((always_inline)) void i8_tile(
-    const i8_t *g, int64_t b0, const int nbk, int64_t m0, const int mr) {
-    __m512i acc[UR][VG];
-    const uint8_t *ur[UR];
-    for (int m = 0; m < mr; m++) {
-        ur[m] = g->u + (m0 + m) * g->Dp;
-        for (int c = 0; c < nbk; c++) acc[m][c] = _mm512_setzero_si512();
-    }
-    const int64_t bs = VB * g->Dp, K4 = g->Dp / 4; /* bytes of a block; steps of 4 k */
-    const int8_t *pb = g->p + b0 * bs;
-    /* the first row group fetches the next tile meanwhile (prefetches never fault past the end): the copy then
-     * streams while the dot products run instead of after them */
-    const int8_t *ahead = m0 == 0 ? pb + VG * bs : NULL;
-    for (int64_t k4 = 0; k4 < K4; k4++) {
-        if (ahead)
-            for (int c = 0; c < VG; c++) _mm_prefetch((const char *)(ahead + c * bs + k4 * VB * 4), _MM_HINT_T0);
-        __m512i w0 = _mm512_loadu_si512(pb + k4 * VB * 4), w1 = w0, w2 = w0;
-        if (nbk > 1) w1 = _mm512_loadu_si512(pb + bs + k4 * VB * 4);
-        if (nbk > 2) w2 = _mm512_loadu_si512(pb + 2 * bs + k4 * VB * 4);
-        for (int m = 0; m < mr; m++) {
-            int32_t v;
-            memcpy(&v, ur[m] + k4 * 4, 4);
-            __m512i uv = _mm512_set1_epi32(v);
-            acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], uv, w0);
-            if (nbk > 1) acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], uv, w1);
-            if (nbk > 2) acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], uv, w2);
+/* acc += the int8 products of u (unsigned bytes) and w (signed): vpdpbusd written out, as compilers copy the
+ * accumulators of the intrinsic around the loops below */
+#define DPBUSD(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
+
+/* vocabulary lanes, the products: mr rows of u (ug: [Dp / 8][mr][8]) x nbk blocks from pb -> res[m * VG + c], the
+ * int32 sums of (vocabulary row, half of k) lane pairs; ahead: NULL, or the next tile, fetched into L1 meanwhile,
+ * and the tile 4 after it into L2 (the copy then streams while the products run instead of after them; prefetches
+ * never fault past the end). A function of its own per (mr, nbk), so that its accumulators stay in registers. */
+__attribute__((target("avx512vnni"))) static inline __attribute__((always_inline)) void i8_vloop(
+    const int8_t *pb, int64_t bs, const uint8_t *ug, int64_t K8, const int8_t *ahead, const int mr, const int nbk,
+    __m512i *res) {
+    /* named accumulators (an array of them the compiler copies around the loop), unused ones compiled away */
+    const __m512i z = _mm512_setzero_si512();
+#define VDECL(m) __m512i a##m##_0 = z, a##m##_1 = z, a##m##_2 = z;
+    VDECL(0) VDECL(1) VDECL(2) VDECL(3) VDECL(4) VDECL(5) VDECL(6) VDECL(7)
+    for (int64_t k8 = 0; k8 < K8; k8++) {
+        if (ahead) {
+            for (int c = 0; c < VG; c++) _mm_prefetch((const char *)(ahead + c * bs + k8 * 64), _MM_HINT_T0);
+            for (int c = 0; c < VG; c++) _mm_prefetch((const char *)(ahead + (4 * VG + c) * bs + k8 * 64), _MM_HINT_T1);
         }
+        __m512i w0 = _mm512_loadu_si512(pb + k8 * 64), w1 = w0, w2 = w0;
+        if (nbk > 1) w1 = _mm512_loadu_si512(pb + bs + k8 * 64);
+        if (nbk > 2) w2 = _mm512_loadu_si512(pb + 2 * bs + k8 * 64);
+        const uint8_t *uk = ug + k8 * mr * KB;
+#define VSTEP(m) \
+    if (mr > m) { \
+        int64_t v; \
+        memcpy(&v, uk + m * KB, KB); \
+        const __m512i uv = _mm512_set1_epi64(v); \
+        DPBUSD(a##m##_0, uv, w0); \
+        if (nbk > 1) DPBUSD(a##m##_1, uv, w1); \
+        if (nbk > 2) DPBUSD(a##m##_2, uv, w2); \
     }
-    const __m512 xs = _mm512_set1_ps(g->xs);
-    const __m512i zp = _mm512_set1_epi32(g->zp);
-    __m512 mx[UR];
-    __mmask16 nan[UR];
-    for (int m = 0; m < mr; m++) {
-        mx[m] = _mm512_set1_ps(-INFINITY);
-        nan[m] = 0;
+        VSTEP(0) VSTEP(1) VSTEP(2) VSTEP(3) VSTEP(4) VSTEP(5) VSTEP(6) VSTEP(7)
+#undef VSTEP
     }
-#pragma GCC unroll 3
-    for (int c = 0; c < nbk; c++) {
-        int64_t i0 = (b0 + c) * VB, n = g->V - i0 < VB ? g->V - i0 : VB;
-        __mmask16 mk = lanes(n);
-        __m512i qs = _mm512_mullo_epi32(zp, _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
-        __m512 ws = _mm512_maskz_loadu_ps(mk, g->ws + i0);
-#pragma GCC unroll 8
-        for (int m = 0; m < mr; m++) { /* (sum q u - zp sum q) exactly in int32, then (that * xs) * s_i in fp32 */
-            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][c], qs)), xs), ws);
+#define VOUT(m) \
+    if (mr > m) { \
+        _mm512_storeu_si512(res + m * VG, a##m##_0); \
+        _mm512_storeu_si512(res + m * VG + 1, a##m##_1); \
+        _mm512_storeu_si512(res + m * VG + 2, a##m##_2); \
+    }
+    VOUT(0) VOUT(1) VOUT(2) VOUT(3) VOUT(4) VOUT(5) VOUT(6) VOUT(7)
+#undef VOUT
+#undef VDECL
+}
+
+#define I8_VLOOP(MR, NB) \
+    __attribute__((target("avx512vnni"))) static void i8_vloop_##MR##_##NB( \
+        const int8_t *pb, int64_t bs, const uint8_t *ug, int64_t K8, const int8_t *ahead, __m512i *res) { \
+        i8_vloop(pb, bs, ug, K8, ahead, MR, NB, res); \
+    }
+#define I8_VLOOPS(MR) I8_VLOOP(MR, 1) I8_VLOOP(MR, 2) I8_VLOOP(MR, 3)
+I8_VLOOPS(1)
+I8_VLOOPS(2)
+I8_VLOOPS(3)
+I8_VLOOPS(4)
+I8_VLOOPS(5)
+I8_VLOOPS(6)
+I8_VLOOPS(7)
+I8_VLOOPS(8)
+typedef void (*i8_vloop_fn)(const int8_t *, int64_t, const uint8_t *, int64_t, const int8_t *, __m512i *);
+#define I8_VROW(MR) {i8_vloop_##MR##_1, i8_vloop_##MR##_2, i8_vloop_##MR##_3}
+static const i8_vloop_fn I8_VLOOPS_BY[UR][VG] = {I8_VROW(1), I8_VROW(2), I8_VROW(3), I8_VROW(4),
+                                                  I8_VROW(5), I8_VROW(6), I8_VROW(7), I8_VROW(8)};
+
+/* vocabulary lanes: rows [m0, m0 + mr) of u x blocks [b0, b0 + nbk); the values into out, their maxima into mx /
+ * nan (per row). fetch: prefetch the next tile meanwhile (the first pass over it) */
+static void i8_vtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int mr, int fetch, __m512 *mx, __mmask16 *nan) {
+    const int64_t bs = VB * g->Dp; /* bytes of a block */
+    const int8_t *pb = g->p + b0 * bs;
+    __m512i res[UR * VG];
+    I8_VLOOPS_BY[mr - 1][nbk - 1](pb, bs, g->uv + (m0 - g->R / RL * RL) * g->Dp, g->Dp / KB,
+                                  fetch ? pb + VG * bs : NULL, res);
+    /* lanes 2j, 2j + 1 hold vocabulary row j's two halves of k: their sums, two blocks to a vector */
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int c = 0; c < nbk; c += 2) {
+        const int64_t i0 = (b0 + c) * VB, in = (c + 1 < nbk ? 2 : 1) * VB; /* this tile's rows from i0 */
+        const int64_t n = g->V - i0 < in ? g->V - i0 : in;
+        const __mmask16 mk = lanes(n);
+        const __m512i qs = _mm512_mullo_epi32(_mm512_set1_epi32(g->zp), _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
+        const __m512 ws = _mm512_maskz_loadu_ps(mk, g->ws + i0), xs = _mm512_set1_ps(g->xs);
+        for (int m = 0; m < mr; m++) {
+            const __m512i a0 = res[m * VG + c], a1 = c + 1 < nbk ? res[m * VG + c + 1] : _mm512_setzero_si512();
+            const __m512i s0 = _mm512_add_epi32(a0, _mm512_shuffle_epi32(a0, _MM_PERM_CDAB));
+            const __m512i s1 = _mm512_add_epi32(a1, _mm512_shuffle_epi32(a1, _MM_PERM_CDAB));
+            /* (s - zp qsum_i) exactly in int32, then (that * xs) * s_i in fp32 */
+            const __m512i sv = _mm512_sub_epi32(_mm512_permutex2var_epi32(s0, even, s1), qs);
+            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sv), xs), ws);
             _mm512_mask_storeu_ps(g->out + (m0 + m) * g->V + i0, mk, v);
             mx[m] = _mm512_mask_max_ps(mx[m], mk, mx[m], v);
             nan[m] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
         }
     }
-    if (g->cm) /* the tile's maxima for the candidate search, while they are in registers */
-        for (int m = 0; m < mr; m++)
-            g->cm[(m0 + m) * g->ncm + b0 / VG] = nan[m] ? NAN : _mm512_reduce_max_ps(mx[m]);
 }
 
-#define I8_TILE(NB, MR) \
-    __attribute__((target("avx512vnni"))) static void i8_tile_##NB##_##MR(const i8_t *g, int64_t b0, int64_t m0) { \
-        i8_tile(g, b0, NB, m0, MR); \
+/* row lanes: rows [m0, m0 + 16) of u (their form ut: 2 groups of [Dp / 8][8][8]) x blocks [b0, b0 + nbk) of one
+ * chunk, a block at a time; the values into out (16 x 16 transposes of two blocks), their maxima into mx / nan
+ * (lane = row). fetch: prefetch 2 blocks ahead into L1 and 16 ahead into L2 meanwhile (the first pass) */
+__attribute__((target("avx512vnni"))) static void i8_rtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int fetch,
+                                                            __m512 *mx, __mmask16 *nan) {
+    const int64_t bs = VB * g->Dp, K8 = g->Dp / KB;
+    const uint8_t *u0 = g->ut + m0 * g->Dp, *u1 = u0 + K8 * 64;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    __m512 vals[2 * VB];
+    for (int c = 0; c < nbk; c++) {
+        const int8_t *pb = g->p + (b0 + c) * bs;
+        const char *near = (const char *)pb + 2 * bs, *far = (const char *)pb + 16 * bs;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        __m512i b0_ = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+        for (int64_t k8 = 0; k8 < K8; k8++) {
+            if (fetch) {
+                _mm_prefetch(near + k8 * 64, _MM_HINT_T0);
+                _mm_prefetch(far + k8 * 64, _MM_HINT_T1);
+            }
+            const __m512i x0 = _mm512_load_si512(u0 + k8 * 64), x1 = _mm512_load_si512(u1 + k8 * 64);
+            const int64_t *wp = (const int64_t *)(pb + k8 * 64);
+#define RSTEP(v, A, B) { const __m512i wb = _mm512_set1_epi64(wp[v]); DPBUSD(A, x0, wb); DPBUSD(B, x1, wb); }
+            RSTEP(0, a0, b0_) RSTEP(1, a1, b1) RSTEP(2, a2, b2) RSTEP(3, a3, b3)
+            RSTEP(4, a4, b4) RSTEP(5, a5, b5) RSTEP(6, a6, b6) RSTEP(7, a7, b7)
+#undef RSTEP
+        }
+        __m512i A[VB] = {a0, a1, a2, a3, a4, a5, a6, a7}, B[VB] = {b0_, b1, b2, b3, b4, b5, b6, b7};
+        for (int v = 0; v < VB; v++) {
+            const int64_t i = (b0 + c) * VB + v;
+            /* lanes 2r, 2r + 1 of A (B) hold row r (8 + r)'s two halves of k: their sums, rows 0..15 in order */
+            __m512i sa = _mm512_add_epi32(A[v], _mm512_shuffle_epi32(A[v], _MM_PERM_CDAB));
+            __m512i sb = _mm512_add_epi32(B[v], _mm512_shuffle_epi32(B[v], _MM_PERM_CDAB));
+            __m512 x = _mm512_set1_ps(-INFINITY); /* a vocabulary row past the end: never the maximum */
+            if (i < g->V) {
+                __m512i s = _mm512_sub_epi32(_mm512_permutex2var_epi32(sa, even, sb),
+                                             _mm512_set1_epi32(g->zp * g->qsum[i]));
+                x = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(g->xs)), _mm512_set1_ps(g->ws[i]));
+                *mx = _mm512_max_ps(*mx, x);
+                *nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            }
+            vals[(c % 2) * VB + v] = x;
+        }
+        if (c % 2 == 1 || c == nbk - 1) { /* two blocks' values (lane = row) -> rows of out */
+            const int64_t i0 = (b0 + c - c % 2) * VB, n = g->V - i0 < 2 * VB ? g->V - i0 : 2 * VB;
+            if (c % 2 == 0)
+                for (int v = VB; v < 2 * VB; v++) vals[v] = _mm512_setzero_ps();
+            transpose16(vals);
+            for (int r = 0; r < RL; r++) _mm512_mask_storeu_ps(g->out + (m0 + r) * g->V + i0, lanes(n), vals[r]);
+        }
     }
-#define I8_ROW(NB) I8_TILE(NB, 1) I8_TILE(NB, 2) I8_TILE(NB, 3) I8_TILE(NB, 4) I8_TILE(NB, 5) I8_TILE(NB, 6) \
-    I8_TILE(NB, 7) I8_TILE(NB, 8)
-I8_ROW(1)
-I8_ROW(2)
-I8_ROW(3)
-typedef void (*i8_fn)(const i8_t *, int64_t, int64_t);
-#define I8_FNS(NB) {NULL, i8_tile_##NB##_1, i8_tile_##NB##_2, i8_tile_##NB##_3, i8_tile_##NB##_4, i8_tile_##NB##_5, \
-                    i8_tile_##NB##_6, i8_tile_##NB##_7, i8_tile_##NB##_8}
-static const i8_fn I8_TILES[VG + 1][UR + 1] = {{NULL}, I8_FNS(1), I8_FNS(2), I8_FNS(3)};
+}
 
 static void *i8_run(void *arg) {
     const i8_t *g = (const i8_t *)arg;
-    for (int64_t b0 = g->lo; b0 < g->hi; b0 += VG) {
-        int nbk = (int)(g->hi - b0 < VG ? g->hi - b0 : VG);
-        for (int64_t m0 = 0; m0 < g->R; m0 += UR) /* the tile's 48 rows of the copy stay in L1 across the row groups */
-            I8_TILES[nbk][g->R - m0 < UR ? g->R - m0 : UR](g, b0, m0);
+    const int64_t rl = g->R / RL * RL; /* rows in the row-lane form; the rest in the vocabulary-lane form */
+    for (int64_t b0 = g->lo; b0 < g->hi; b0 += CB) { /* a chunk: its 32 KB of the copy stay in L1 across the passes */
+        const int nch = (int)(g->hi - b0 < CB ? g->hi - b0 : CB);
+        __m512 mx[RL];
+        __mmask16 nan[RL];
+        for (int64_t m0 = 0; m0 < rl; m0 += RL) {
+            mx[0] = _mm512_set1_ps(-INFINITY);
+            nan[0] = 0;
+            i8_rtile(g, b0, nch, m0, m0 == 0, mx, nan);
+            if (g->cm) {
+                float t[RL];
+                _mm512_storeu_ps(t, mx[0]);
+                for (int r = 0; r < RL; r++) g->cm[(m0 + r) * g->ncm + b0 / CB] = nan[0] >> r & 1 ? NAN : t[r];
+            }
+        }
+        for (int64_t m0 = rl; m0 < g->R; m0 += UR) {
+            const int mr = (int)(g->R - m0 < UR ? g->R - m0 : UR);
+            for (int m = 0; m < mr; m++) {
+                mx[m] = _mm512_set1_ps(-INFINITY);
+                nan[m] = 0;
+            }
+            for (int c = 0; c < nch; c += VG) /* the first pass over the chunk fetches the tile after each */
+                i8_vtile(g, b0 + c, nch - c < VG ? nch - c : VG, m0, mr, m0 == 0, mx, nan);
+            if (g->cm)
+                for (int m = 0; m < mr; m++)
+                    g->cm[(m0 + m) * g->ncm + b0 / CB] = nan[m] ? NAN : _mm512_reduce_max_ps(mx[m]);
+        }
     }
     return NULL;
 }
 
-/* u (R, Dp) uint8 (rows zero padded to Dp, a multiple of 4), p: dsv3_i8_pack's copy of q (V, D), qsum (V,) int32
- * = sum_j q_ij, ws (V,) fp32 row scales -> out (R, V) fp32 = (xs * (sum_j q_ij u_j - zp qsum_i)) * ws_i, and where
- * cm is not NULL, cm (R, ceil(V / I8_TILE_ROWS)): the maximum of each row of out over each I8_TILE_ROWS-wide
- * chunk (the last one partial), NaN where the chunk holds a NaN. Returns 0, or -3 where the CPU lacks
- * AVX512-VNNI or Dp is not a multiple of 4. */
+/* u (R, Dp) uint8 (rows padded to Dp, a multiple of 8, with zp: (u - zp) = 0 there), p: dsv3_i8_pack's copy of q
+ * (V, D), qsum (V,) int32 = sum_j q_ij, ws (V,) fp32 row scales -> out (R, V) fp32 = (xs * (sum_j q_ij u_j - zp
+ * qsum_i)) * ws_i, and where cm is not NULL, cm (R, ceil(V / I8_TILE_ROWS)): the maximum of each row of out over
+ * each I8_TILE_ROWS-wide chunk (the last one partial), NaN where the chunk holds a NaN. Returns 0, -2 when memory
+ * could not be had, or -3 where the CPU lacks AVX512-VNNI or Dp is not a multiple of 8. */
 int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qsum, const float *ws, float xs,
                  int32_t zp, int64_t V, int64_t Dp, float *out, float *cm, int nthreads) {
-    if (!__builtin_cpu_supports("avx512vnni") || Dp % 4) return -3;
+    if (!__builtin_cpu_supports("avx512vnni") || Dp % KB) return -3;
     if (R == 0 || V == 0) return 0;
-    const int64_t nb = (V + VB - 1) / VB;
+    const int64_t nb = (V + VB - 1) / VB, K8 = Dp / KB, rl = R / RL * RL;
+    /* the rows of u arranged: per 16 for the row-lane form, two groups of [k / 8][8 rows][8 bytes]; the rest per
+     * UR rows [k / 8][rows][8 bytes] for the vocabulary-lane form (so its loop reads them through one pointer) */
+    uint8_t *ut = aligned_alloc(64, (size_t)(R * Dp) + 64), *uv = ut + rl * Dp;
+    if (!ut) return -2;
+    for (int64_t m0 = 0; m0 < rl; m0 += RL)
+        for (int64_t h = 0; h < 2; h++)
+            for (int64_t k8 = 0; k8 < K8; k8++)
+                for (int64_t r = 0; r < 8; r++)
+                    memcpy(ut + m0 * Dp + (h * K8 + k8) * 64 + r * KB, u + (m0 + h * 8 + r) * Dp + k8 * KB, KB);
+    for (int64_t m0 = rl; m0 < R; m0 += UR) {
+        const int64_t mr = R - m0 < UR ? R - m0 : UR;
+        for (int64_t k8 = 0; k8 < K8; k8++)
+            for (int64_t r = 0; r < mr; r++)
+                memcpy(uv + (m0 - rl) * Dp + (k8 * mr + r) * KB, u + (m0 + r) * Dp + k8 * KB, KB);
+    }
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
     i8_t jobs[MAXT];
     for (int t = 0; t < nthreads; t++) {
-        i8_t g = {u, p, qsum, ws, out, cm, xs, zp, R, V, Dp, (V + I8_TILE_ROWS - 1) / I8_TILE_ROWS, 0, 0};
-        int64_t lo, hi; /* whole tiles per thread */
-        split((nb + VG - 1) / VG, t, nthreads, &lo, &hi);
-        g.lo = lo * VG;
-        g.hi = hi * VG < nb ? hi * VG : nb;
+        i8_t g = {ut, uv, p, qsum, ws, out, cm, xs, zp, R, V, Dp, (V + I8_TILE_ROWS - 1) / I8_TILE_ROWS, 0, 0};
+        int64_t lo, hi; /* whole chunks per thread */
+        split((nb + CB - 1) / CB, t, nthreads, &lo, &hi);
+        g.lo = lo * CB;
+        g.hi = hi * CB < nb ? hi * CB : nb;
         jobs[t] = g;
     }
-    return run_threads(i8_run, jobs, sizeof(i8_t), nthreads);
+    int rc = run_threads(i8_run, jobs, sizeof(i8_t), nthreads);
+    free(ut);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ the candidates' exact logits */
