@@ -425,3 +425,14 @@ def test_head_i8_values_and_chunk_maxima_are_the_exact_integer_products(D):
                 assert torch.equal(cm, torch.cat([want, pad], 1).view(R, -1, cpu.I8_TILE_ROWS).amax(2)), (R, n)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
+def test_head_bench_runs(capsys, load_benchmark):
+    """benchmarks/head_bench.py (behind docs/engine.md's int8 head figures) on a small head: a row per row count,
+    one row's ratio to itself 1.00x."""
+    load_benchmark("head_bench").main(["--rounds", "1", "--rows", "1,17", "--vocab", "3000", "--dim", "100",
+                                       "--flush-mb", "8"])
+    rows = [r.strip("|").split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| 1 ")
+            or r.startswith("| 17 ")]
+    assert len(rows) == 2 and all(len(r) == 4 for r in rows) and rows[0][2].strip() == "1.00x"

@@ -144,6 +144,11 @@ int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, c
 #define UR 8  /* rows of u per tile of the vocabulary-lane form */
 #define RL 16 /* rows of u per pass of the row-lane form */
 
+/* the rows of u the row-lane form takes: the first 16 when there are that many. That pass streams the copy; the
+ * rest (the vocabulary-lane form) then find each chunk in L1, where the vocabulary-lane products cost less
+ * arithmetic than a second row-lane pass (no 16 x 16 transposes) */
+static inline int64_t row_lane_rows(int64_t R) { return R >= RL ? RL : 0; }
+
 /* q (V, D) int8 row-major -> dst: ceil(V / 8) blocks of (Dp / 8) x 8 x 8 bytes, Dp = D rounded up to 8, zero
  * padded */
 void dsv3_i8_pack(const int8_t *q, int64_t V, int64_t D, int8_t *dst) {
@@ -239,7 +244,7 @@ static void i8_vtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int mr, int
     const int64_t bs = VB * g->Dp; /* bytes of a block */
     const int8_t *pb = g->p + b0 * bs;
     __m512i res[UR * VG];
-    I8_VLOOPS_BY[mr - 1][nbk - 1](pb, bs, g->uv + (m0 - g->R / RL * RL) * g->Dp, g->Dp / KB,
+    I8_VLOOPS_BY[mr - 1][nbk - 1](pb, bs, g->uv + (m0 - row_lane_rows(g->R)) * g->Dp, g->Dp / KB,
                                   fetch ? pb + VG * bs : NULL, res);
     /* lanes 2j, 2j + 1 hold vocabulary row j's two halves of k: their sums, two blocks to a vector */
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -260,6 +265,45 @@ static void i8_vtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int mr, int
             mx[m] = _mm512_mask_max_ps(mx[m], mk, mx[m], v);
             nan[m] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
         }
+    }
+}
+
+/* vocabulary lanes for one row of u (row m0) over a whole chunk (CB blocks) at once: CB streams of the copy read
+ * together instead of VG, the next chunk fetched meanwhile (a single row is bound by the read of the copy:
+ * benchmarks/head_bench.py); values and maxima as i8_vtile */
+__attribute__((target("avx512vnni"))) static void i8_vchunk1(const i8_t *g, int64_t b0, int64_t m0, int fetch,
+                                                              __m512 *mx, __mmask16 *nan) {
+    const int64_t bs = VB * g->Dp, K8 = g->Dp / KB;
+    const int8_t *pb = g->p + b0 * bs, *ahead = fetch ? pb + CB * bs : NULL;
+    const uint8_t *ug = g->uv + (m0 - row_lane_rows(g->R)) * g->Dp;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    for (int64_t k8 = 0; k8 < K8; k8++) {
+        if (ahead)
+            for (int c = 0; c < CB; c++) _mm_prefetch((const char *)(ahead + c * bs + k8 * 64), _MM_HINT_T0);
+        int64_t v;
+        memcpy(&v, ug + k8 * KB, KB);
+        const __m512i uv = _mm512_set1_epi64(v);
+        DPBUSD(a0, uv, _mm512_loadu_si512(pb + k8 * 64));
+        DPBUSD(a1, uv, _mm512_loadu_si512(pb + bs + k8 * 64));
+        DPBUSD(a2, uv, _mm512_loadu_si512(pb + 2 * bs + k8 * 64));
+        DPBUSD(a3, uv, _mm512_loadu_si512(pb + 3 * bs + k8 * 64));
+        DPBUSD(a4, uv, _mm512_loadu_si512(pb + 4 * bs + k8 * 64));
+        DPBUSD(a5, uv, _mm512_loadu_si512(pb + 5 * bs + k8 * 64));
+    }
+    const __m512i acc[CB] = {a0, a1, a2, a3, a4, a5};
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int c = 0; c < CB; c += 2) {
+        const int64_t i0 = (b0 + c) * VB, n = g->V - i0 < 2 * VB ? g->V - i0 : 2 * VB;
+        const __mmask16 mk = lanes(n);
+        const __m512i qs = _mm512_mullo_epi32(_mm512_set1_epi32(g->zp), _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
+        const __m512i s0 = _mm512_add_epi32(acc[c], _mm512_shuffle_epi32(acc[c], _MM_PERM_CDAB));
+        const __m512i s1 = _mm512_add_epi32(acc[c + 1], _mm512_shuffle_epi32(acc[c + 1], _MM_PERM_CDAB));
+        const __m512i sv = _mm512_sub_epi32(_mm512_permutex2var_epi32(s0, even, s1), qs);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sv), _mm512_set1_ps(g->xs)),
+                                       _mm512_maskz_loadu_ps(mk, g->ws + i0));
+        _mm512_mask_storeu_ps(g->out + m0 * g->V + i0, mk, v);
+        mx[0] = _mm512_mask_max_ps(mx[0], mk, mx[0], v);
+        nan[0] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
     }
 }
 
@@ -317,7 +361,7 @@ __attribute__((target("avx512vnni"))) static void i8_rtile(const i8_t *g, int64_
 
 static void *i8_run(void *arg) {
     const i8_t *g = (const i8_t *)arg;
-    const int64_t rl = g->R / RL * RL; /* rows in the row-lane form; the rest in the vocabulary-lane form */
+    const int64_t rl = row_lane_rows(g->R); /* rows in the row-lane form; the rest in the vocabulary-lane form */
     for (int64_t b0 = g->lo; b0 < g->hi; b0 += CB) { /* a chunk: its 32 KB of the copy stay in L1 across the passes */
         const int nch = (int)(g->hi - b0 < CB ? g->hi - b0 : CB);
         __m512 mx[RL];
@@ -338,8 +382,11 @@ static void *i8_run(void *arg) {
                 mx[m] = _mm512_set1_ps(-INFINITY);
                 nan[m] = 0;
             }
-            for (int c = 0; c < nch; c += VG) /* the first pass over the chunk fetches the tile after each */
-                i8_vtile(g, b0 + c, nch - c < VG ? nch - c : VG, m0, mr, m0 == 0, mx, nan);
+            if (mr == 1 && nch == CB)
+                i8_vchunk1(g, b0, m0, m0 == 0, mx, nan);
+            else
+                for (int c = 0; c < nch; c += VG) /* the first pass over the chunk fetches the tile after each */
+                    i8_vtile(g, b0 + c, nch - c < VG ? nch - c : VG, m0, mr, m0 == 0, mx, nan);
             if (g->cm)
                 for (int m = 0; m < mr; m++)
                     g->cm[(m0 + m) * g->ncm + b0 / CB] = nan[m] ? NAN : _mm512_reduce_max_ps(mx[m]);
@@ -357,7 +404,7 @@ int dsv3_head_i8(const uint8_t *u, int64_t R, const int8_t *p, const int32_t *qs
                  int32_t zp, int64_t V, int64_t Dp, float *out, float *cm, int nthreads) {
     if (!__builtin_cpu_supports("avx512vnni") || Dp % KB) return -3;
     if (R == 0 || V == 0) return 0;
-    const int64_t nb = (V + VB - 1) / VB, K8 = Dp / KB, rl = R / RL * RL;
+    const int64_t nb = (V + VB - 1) / VB, K8 = Dp / KB, rl = row_lane_rows(R);
     /* the rows of u arranged: per 16 for the row-lane form, two groups of [k / 8][8 rows][8 bytes]; the rest per
      * UR rows [k / 8][rows][8 bytes] for the vocabulary-lane form (so its loop reads them through one pointer) */
     uint8_t *ut = aligned_alloc(64, (size_t)(R * Dp) + 64), *uv = ut + rl * Dp;
