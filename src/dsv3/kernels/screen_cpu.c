@@ -136,10 +136,10 @@ int64_t dsv3_screen_candidates(const float *a, const float *t, const float *f, c
  * 8 vocabulary rows, [k / 8][8][8] bytes: one 64-byte load holds 8 k of 8 rows. Two forms run on it:
  *   - vocabulary lanes (a few rows of u): a tile of up to UR rows of u x 24 vocabulary rows runs through k with
  *     each row's 8 bytes broadcast; each lane pair (one vocabulary row, two halves of k) is added at the end;
- *   - row lanes (each 16 rows of u): the rows' bytes arranged as [k / 8][8 rows][8] for two groups of 8 rows,
- *     each vocabulary row's 8 bytes broadcast against them: a single pass over the copy per 16 rows, where the
- *     vocabulary-lane form re-runs each tile per 8 rows and overlapped its second run with nothing (at 16 rows
- *     on the `small` preset's head, 6.9 -> ~6 ms per call in a scratch comparison; docs/engine.md).
+ *   - row lanes (the first 16 rows of u): the rows' bytes arranged as [k / 8][8 rows][8] for two groups of 8
+ *     rows, each vocabulary row's 8 bytes broadcast against them: a single pass over the copy for 16 rows, where
+ *     the vocabulary-lane form re-ran each tile for its second 8 rows with no read to overlap (on the `small`
+ *     preset's head, 1.12-1.18x as fast at 16 rows as that form; docs/engine.md, benchmarks/head_bench.py).
  * (Against oneDNN's int8 linear: benchmarks/kernels_bench.py --ab screen.) */
 #define UR 8  /* rows of u per tile of the vocabulary-lane form */
 #define RL 16 /* rows of u per pass of the row-lane form */
