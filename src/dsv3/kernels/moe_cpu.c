@@ -421,23 +421,24 @@ typedef void (*lb_fn)(const lb_t *, int64_t, int64_t);
 #define LB(NB, MR) static void lb_##NB##_##MR(const lb_t *j, int64_t b, int64_t m0) { lb_tile(j, b, NB, m0, MR); }
 LB(1, 1) LB(1, 2) LB(1, 3) LB(1, 4) LB(1, 5) LB(1, 6) LB(1, 7) LB(1, 8) LB(1, 9) LB(1, 10) LB(1, 11) LB(1, 12) LB(1, 13)
 LB(1, 14) LB(1, 15) LB(1, 16)
-LB(2, 5) LB(2, 6) LB(2, 7) LB(2, 8)
+LB(2, 1) LB(2, 2) LB(2, 3) LB(2, 4) LB(2, 5) LB(2, 6) LB(2, 7) LB(2, 8)
 LB(4, 1) LB(4, 2) LB(4, 3) LB(4, 4)
 static const lb_fn LB1[17] = {NULL, lb_1_1, lb_1_2, lb_1_3, lb_1_4, lb_1_5, lb_1_6, lb_1_7, lb_1_8, lb_1_9, lb_1_10,
                               lb_1_11, lb_1_12, lb_1_13, lb_1_14, lb_1_15, lb_1_16};
-static const lb_fn LB2[9] = {NULL, NULL, NULL, NULL, NULL, lb_2_5, lb_2_6, lb_2_7, lb_2_8};
+static const lb_fn LB2[9] = {NULL, lb_2_1, lb_2_2, lb_2_3, lb_2_4, lb_2_5, lb_2_6, lb_2_7, lb_2_8};
 static const lb_fn LB4[5] = {NULL, lb_4_1, lb_4_2, lb_4_3, lb_4_4};
 
 /* the blocks per tile for M rows: more blocks where there are fewer rows to share a weight load with */
-static inline int lb_blocks(int64_t M) { return M <= 4 ? 4 : M <= 8 ? 2 : 1; }
+static inline int lb_blocks(int64_t M) { return M <= 4 ? 4 : M <= 16 ? 2 : 1; }
 
 static void *lb_run(void *arg) {
     const lb_t *j = (const lb_t *)arg;
     const int NB = lb_blocks(j->M);
     for (int64_t b = j->lo; b < j->hi;) {
         const int nb = j->hi - b >= NB ? NB : 1; /* the thread's last blocks one at a time */
-        for (int64_t m0 = 0; m0 < j->M; m0 += 16) { /* the tile's weights stay in L1 across the row groups */
-            const int mr = (int)(j->M - m0 < 16 ? j->M - m0 : 16);
+        const int rg = nb == 2 ? 8 : 16; /* rows per group */
+        for (int64_t m0 = 0; m0 < j->M; m0 += rg) { /* the tile's weights stay in L1 across the row groups */
+            const int mr = (int)(j->M - m0 < rg ? j->M - m0 : rg);
             (nb == 4 ? LB4[mr] : nb == 2 ? LB2[mr] : LB1[mr])(j, b, m0);
         }
         b += nb;
