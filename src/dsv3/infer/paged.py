@@ -120,6 +120,10 @@ class PagedLatentCache:
         self.kv, self.pe = self.lat[..., :C], self.lat[..., C:]
         self._positions = self._slots = self._read = None
         self._L = 0
+        # kernel_slots' answers: each layer's (kv, pe) views of the pool (made once), and this forward's
+        # (write slots, read slots (B, L)) pair (made once per bind): a decode step asks for them per layer
+        self._layer_halves = [(lat[:, :C], lat[:, C:]) for lat in self.lat] if self.lat.device.type == "cpu" else None
+        self._kernel_rows = None
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, n_layers: int, dtype) -> int:
@@ -135,17 +139,18 @@ class PagedLatentCache:
         # the slots of positions 0..L-1 of every row, row-major: one index_select per layer gathers them
         t = torch.arange(L, device=tables.device)
         self._read = (tables[:, t // bs] * bs + t % bs).flatten()
+        self._kernel_rows = None
 
     def kernel_slots(self, layer: int, positions: torch.Tensor):
         """The pool as the CPU decode kernels address it (dsv3.kernels.cpu.mla_block): layer's kv and pe
         halves of the slot rows, the slots the bound positions are written to, and each row's slots of
         positions 0..L-1 (B, L) (what `update` writes and gathers)."""
         assert positions is self._positions, "bind() the block tables of this forward first"
-        if self.lat.device.type != "cpu":
+        if self._layer_halves is None:
             return None
-        C = self.kv.shape[-1]
-        lat = self.lat[layer]
-        return lat[:, :C], lat[:, C:], self._slots, self._read.view(positions.shape[0], self._L)
+        if self._kernel_rows is None:
+            self._kernel_rows = (self._slots, self._read.view(positions.shape[0], self._L))
+        return self._layer_halves[layer] + self._kernel_rows
 
     def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor):
         # kv (B, S, C), pe (B, S, R); slot t of row b lives at block tables[b, t // bs], offset t % bs
