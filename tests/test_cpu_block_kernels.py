@@ -247,6 +247,38 @@ def test_fused_blocks_do_not_depend_on_the_batch_or_the_threads():
     assert torch.equal(together, together2)
 
 
+def test_fused_blocks_see_weights_changed_in_place():
+    """The fused blocks keep each block's weight pointers (bf16 projections: their packed copies) between calls;
+    an in-place change of a projection weight (outside inference mode: a new version) must reach the next call
+    (the states equal those of a fresh model with the new weights), and so must the packing setting toggled
+    (the plan then hands the kernel the weights as they are)."""
+    m = _model({}, torch.bfloat16)
+    prompt = torch.randint(0, m.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    offsets = torch.tensor([0, 1])
+    _decode(m, prompt, 2, offsets)  # the plans and packed copies exist now
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.wo.weight.mul_(2)
+            layer.ffn_norm.weight.mul_(0.5)
+            (layer.ffn.shared_experts or layer.ffn).w2.weight.mul_(2) if hasattr(layer.ffn, "shared_experts") \
+                else layer.ffn.w2.weight.mul_(2)
+    got = _decode(m, prompt, 2, offsets)
+    fresh = _model({}, torch.bfloat16)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(got, _decode(fresh, prompt, 2, offsets))
+    attn = m.layers[0].attn
+    plan = attn.__dict__["_kernel_plan"]
+    proj = [plan.params[i] for i in plan.proj]  # (parameter dict, name) of the projections
+    assert plan.ptrs and [plan.ptrs[i] for i in plan.proj] == [cpu.packed_bf16(d[n]).data_ptr() for d, n in proj]
+    packed = cpu.bf16_packed(False)
+    try:
+        _decode(m, prompt, 2, offsets)  # the weights as they are now
+        assert [plan.ptrs[i] for i in plan.proj] == [d[n].data_ptr() for d, n in proj]
+    finally:
+        cpu.bf16_packed(packed)
+    assert torch.equal(_decode(m, prompt, 2, offsets), got)
+
+
 def test_the_modules_run_where_the_fused_blocks_cannot(monkeypatch):
     """Forward hooks, autograd, more rows than the kernels take, forced naive attention, float64 and a
     cache without kernel slots all keep the modules' path (and the hooks see their calls)."""

@@ -274,9 +274,12 @@ class GreedyHead:
         self.rows += R
         counts = torch.bincount(row_of, minlength=R)
         out = torch.empty(R, dtype=torch.long)
-        bad = (counts == 0) | (counts > MAX_CANDIDATES)
-        if bool(bad.any()):  # bound too loose (extreme outliers) or h not finite: the full product
-            for r in bad.nonzero().squeeze(1).tolist():
+        # (the few rows' counts checked as Python ints: a decode step pays per tensor op here)
+        bad_rows = [r for r, c in enumerate(counts.tolist()) if c == 0 or c > MAX_CANDIDATES]
+        if bad_rows:  # bound too loose (extreme outliers) or h not finite: the full product
+            bad = torch.zeros(R, dtype=torch.bool)
+            bad[bad_rows] = True
+            for r in bad_rows:
                 self.fallbacks += 1
                 out[r] = torch.nn.functional.linear(h_in[r:r + 1].to(self.weight.dtype), self.weight).argmax()
             keep = ~bad[row_of]
@@ -288,6 +291,8 @@ class GreedyHead:
         if self.search == "c":  # the rescoring below in one C call (dsv3/kernels/screen_cpu.c), its twin
             got = cpu_kernels.screen_rescore(h, self.weight, row_of, ids, self.l1)
             if got is not None:
+                if not bad_rows:
+                    return got
                 keep = counts > 0  # rows that fell back above have count 0
                 out[keep] = got[keep]
                 return out

@@ -633,8 +633,8 @@ class _Plan:
         self.mods, self.consts, self.ok = mods, consts, ok
         self.params = [(mod._parameters, name) for mod, name in weights]
         # which of the weights are projections the kernels multiply through dsv3_linear (pointers())
-        self.proj = frozenset(i for i, (mod, _) in enumerate(weights) if any(mod is m for m in projections))
-        self.checked = None
+        self.proj = tuple(i for i, (mod, _) in enumerate(weights) if any(mod is m for m in projections))
+        self.checked = self.ptr_key = self.ptrs = None
         self.subs = self.extra = None
 
     def weights(self, x: torch.Tensor):
@@ -651,8 +651,14 @@ class _Plan:
 
     def pointers(self, ws) -> list[int]:
         """The weights' data pointers as the kernel call takes them: the projections as dsv3_linear does
-        (_weight_ptr: bf16 packed), the rest as they are."""
-        return [_weight_ptr(w) if i in self.proj else w.data_ptr() for i, w in enumerate(ws)]
+        (_weight_ptr: bf16 packed), the rest as they are. Kept while the weights are those weights() last
+        checked and the projections' versions (what packed_bf16 tracks) and the packing setting stay the
+        same."""
+        key = (self.checked, _bf16_packed, *[None if ws[i].is_inference() else ws[i]._version for i in self.proj])
+        if key != self.ptr_key:
+            self.ptrs = [_weight_ptr(w) if i in self.proj else w.data_ptr() for i, w in enumerate(ws)]
+            self.ptr_key = key
+        return self.ptrs
 
 
 def _plain(lins, *norms) -> bool:
