@@ -43,20 +43,7 @@ static inline __attribute__((always_inline)) void vecmat_q(const float *const *x
     int64_t j = 0;
     for (; j + 64 <= m; j += 64) {
         __m512 acc[VQ][4];
-        for (int r = 0; r < Q; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i++) {
-            const float *w = W + i * m + j;
-            __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
-                   w3 = _mm512_loadu_ps(w + 48);
-            for (int r = 0; r < Q; r++) {
-                __m512 xv = _mm512_set1_ps(x[r][i]);
-                acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
-                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
-                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
-            }
-        }
+        rows_x64(x, Q, W + j, m, n, acc);
         for (int r = 0; r < Q; r++)
             for (int c = 0; c < 4; c++) _mm512_storeu_ps(y[r] + j + 16 * c, acc[r][c]);
     }

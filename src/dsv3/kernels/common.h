@@ -147,6 +147,27 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
+/* acc[r][c] = sum_i x[r][i] W[i * ldw + 16 c ..] for rows r < R and the 64 columns of W from its start (4 vectors):
+ * each sum from zero in ascending i, one fused multiply-add a term, whatever R; a load of W serves the R rows
+ * (the register tile of the prefill GEMM and of the attention's absorptions) */
+static inline __attribute__((always_inline)) void rows_x64(const float *const *x, const int R, const float *W,
+                                                           int64_t ldw, int64_t n, __m512 acc[][4]) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+        const float *w = W + i * ldw;
+        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
+                     w3 = _mm512_loadu_ps(w + 48);
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_set1_ps(x[r][i]);
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
+        }
+    }
+}
+
 /* dst[0..n) = src[0..n) as fp32 (bf16 widened exactly, fp32 copied) */
 static inline void widen(const void *src, int bf, int64_t n, float *dst) {
     if (!bf) {

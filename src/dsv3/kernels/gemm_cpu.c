@@ -34,19 +34,7 @@ static void pack_panel(const void *w, int64_t K, int64_t n0, int64_t nn, int bf,
 static inline __attribute__((always_inline)) void tile(const float *const *a, const float *panel, int64_t K,
                                                         const int mr, int64_t nn, void *const *o, const int bf) {
     __m512 acc[MR][4];
-    for (int i = 0; i < mr; i++)
-        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        const float *b = panel + k * NR;
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16), b2 = _mm512_load_ps(b + 32), b3 = _mm512_load_ps(b + 48);
-        for (int i = 0; i < mr; i++) {
-            __m512 av = _mm512_set1_ps(a[i][k]);
-            acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-            acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
-            acc[i][3] = _mm512_fmadd_ps(av, b3, acc[i][3]);
-        }
-    }
+    rows_x64(a, mr, panel, NR, K, acc);
     for (int i = 0; i < mr; i++)
         for (int c = 0; c < 4 && c * 16 < nn; c++) store16(o[i], c * 16, acc[i][c], nn - c * 16, bf);
 }
