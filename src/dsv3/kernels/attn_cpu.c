@@ -341,7 +341,9 @@ int dsv3_mla_attend(const void *q, const float *cs, const float *sn, const void 
                 B, S, H, nope, R, C, V, L, kv_sb, kv_st, pe_sb, pe_st, scale, interleave, bf};
     const int64_t P = kblocks(C + R) * 16;
     /* the joined queries and the weighted latents of every (query, head): the absorptions run per head over
-     * groups of VQ queries, so each head's W_k,h and W_v,h are read once per group, not once per query */
+     * groups of VQ queries, so each head's W_k,h and W_v,h are read once per group, not once per query (a few
+     * hundred KB: the callers pass decode steps' queries, dsv3.kernels.cpu at most STEP_MAX_ROWS (query, head)
+     * rows) */
     float *qj = aligned_alloc(64, (size_t)(nq * H * P) * sizeof(float) + 64);
     float *olat = aligned_alloc(64, (size_t)(nq * H * P) * sizeof(float) + 64);
     const size_t per = (size_t)(HB * kblocks(L) * 16 + TB * P) * sizeof(float);

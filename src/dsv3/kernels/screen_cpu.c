@@ -362,7 +362,7 @@ __attribute__((target("avx512vnni"))) static void i8_rtile(const i8_t *g, int64_
 static void *i8_run(void *arg) {
     const i8_t *g = (const i8_t *)arg;
     const int64_t rl = row_lane_rows(g->R); /* rows in the row-lane form; the rest in the vocabulary-lane form */
-    for (int64_t b0 = g->lo; b0 < g->hi; b0 += CB) { /* a chunk: its 32 KB of the copy stay in L1 across the passes */
+    for (int64_t b0 = g->lo; b0 < g->hi; b0 += CB) { /* a chunk: its 24 KB of the copy stay in L1 across the passes */
         const int nch = (int)(g->hi - b0 < CB ? g->hi - b0 : CB);
         __m512 mx[RL];
         __mmask16 nan[RL];
