@@ -260,8 +260,9 @@ def test_fused_blocks_see_weights_changed_in_place():
         for layer in m.layers:
             layer.attn.wo.weight.mul_(2)
             layer.ffn_norm.weight.mul_(0.5)
-            (layer.ffn.shared_experts or layer.ffn).w2.weight.mul_(2) if hasattr(layer.ffn, "shared_experts") \
-                else layer.ffn.w2.weight.mul_(2)
+            mlp = layer.ffn.shared_experts if isinstance(layer.ffn, MoE) else layer.ffn  # a projection of the FFN half
+            if mlp is not None:
+                mlp.w2.weight.mul_(2)
     got = _decode(m, prompt, 2, offsets)
     fresh = _model({}, torch.bfloat16)
     fresh.load_state_dict(m.state_dict())

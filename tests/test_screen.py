@@ -399,7 +399,7 @@ def test_screen_is_rebuilt_when_its_c_kernel_goes_away(monkeypatch):
 @pytest.mark.skipif(not screen.cpu_kernels.vnni(), reason="no AVX512-VNNI kernel here")
 @pytest.mark.parametrize("D", [256, 250])
 def test_head_i8_values_and_chunk_maxima_are_the_exact_integer_products(D):
-    """head_i8's two forms (row lanes for each 16 rows of u, vocabulary lanes for the rest) against the integer
+    """head_i8's two forms (row lanes for the first 16 rows of u, vocabulary lanes for the rest) against the integer
     product in int64: the same fp32 values bitwise (the int32 sums are exact, then the two fp32 scalings), and
     the same chunk maxima, at row counts that take either form or both, a vocabulary ending in a partial block
     and chunk, K not a multiple of the packing's 8, and 1 or 2 threads."""
