@@ -238,6 +238,38 @@ typedef void (*i8_vloop_fn)(const int8_t *, int64_t, const uint8_t *, int64_t, c
 static const i8_vloop_fn I8_VLOOPS_BY[UR][VG] = {I8_VROW(1), I8_VROW(2), I8_VROW(3), I8_VROW(4),
                                                   I8_VROW(5), I8_VROW(6), I8_VROW(7), I8_VROW(8)};
 
+/* vocabulary lanes, what the values of two blocks from vocabulary row i0 (n of their rows in the tile) need of the
+ * vocabulary rows, the same for every row of u: the lanes in the vocabulary, zp qsum_i and the row scales s_i */
+typedef struct {
+    int64_t i0;
+    __mmask16 mk;
+    __m512i qs;
+    __m512 ws;
+} i8_cols_t;
+
+static inline i8_cols_t i8_cols(const i8_t *g, int64_t i0, int64_t n) {
+    i8_cols_t c = {i0, lanes(g->V - i0 < n ? g->V - i0 : n), _mm512_setzero_si512(), _mm512_setzero_ps()};
+    c.qs = _mm512_mullo_epi32(_mm512_set1_epi32(g->zp), _mm512_maskz_loadu_epi32(c.mk, g->qsum + i0));
+    c.ws = _mm512_maskz_loadu_ps(c.mk, g->ws + i0);
+    return c;
+}
+
+/* vocabulary lanes, the values of those two blocks for row m of u: a0, a1 the int32 sums of their (vocabulary row,
+ * half of k) lane pairs (a1 zero where there is no second block) -> row m of out, its maximum into *mx / *nan */
+static inline void i8_vout(const i8_t *g, const i8_cols_t *c, __m512i a0, __m512i a1, int64_t m, __m512 *mx,
+                           __mmask16 *nan) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    /* lanes 2j, 2j + 1 hold vocabulary row j's two halves of k: their sums, the two blocks in one vector */
+    const __m512i s0 = _mm512_add_epi32(a0, _mm512_shuffle_epi32(a0, _MM_PERM_CDAB));
+    const __m512i s1 = _mm512_add_epi32(a1, _mm512_shuffle_epi32(a1, _MM_PERM_CDAB));
+    /* (s - zp qsum_i) exactly in int32, then (that * xs) * s_i in fp32 */
+    const __m512i sv = _mm512_sub_epi32(_mm512_permutex2var_epi32(s0, even, s1), c->qs);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sv), _mm512_set1_ps(g->xs)), c->ws);
+    _mm512_mask_storeu_ps(g->out + m * g->V + c->i0, c->mk, v);
+    *mx = _mm512_mask_max_ps(*mx, c->mk, *mx, v);
+    *nan |= _mm512_mask_cmp_ps_mask(c->mk, v, v, _CMP_UNORD_Q);
+}
+
 /* vocabulary lanes: rows [m0, m0 + mr) of u x blocks [b0, b0 + nbk); the values into out, their maxima into mx /
  * nan (per row). fetch: prefetch the next tile meanwhile (the first pass over it) */
 static void i8_vtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int mr, int fetch, __m512 *mx, __mmask16 *nan) {
@@ -246,25 +278,11 @@ static void i8_vtile(const i8_t *g, int64_t b0, int nbk, int64_t m0, int mr, int
     __m512i res[UR * VG];
     I8_VLOOPS_BY[mr - 1][nbk - 1](pb, bs, g->uv + (m0 - row_lane_rows(g->R)) * g->Dp, g->Dp / KB,
                                   fetch ? pb + VG * bs : NULL, res);
-    /* lanes 2j, 2j + 1 hold vocabulary row j's two halves of k: their sums, two blocks to a vector */
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int c = 0; c < nbk; c += 2) {
-        const int64_t i0 = (b0 + c) * VB, in = (c + 1 < nbk ? 2 : 1) * VB; /* this tile's rows from i0 */
-        const int64_t n = g->V - i0 < in ? g->V - i0 : in;
-        const __mmask16 mk = lanes(n);
-        const __m512i qs = _mm512_mullo_epi32(_mm512_set1_epi32(g->zp), _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
-        const __m512 ws = _mm512_maskz_loadu_ps(mk, g->ws + i0), xs = _mm512_set1_ps(g->xs);
-        for (int m = 0; m < mr; m++) {
-            const __m512i a0 = res[m * VG + c], a1 = c + 1 < nbk ? res[m * VG + c + 1] : _mm512_setzero_si512();
-            const __m512i s0 = _mm512_add_epi32(a0, _mm512_shuffle_epi32(a0, _MM_PERM_CDAB));
-            const __m512i s1 = _mm512_add_epi32(a1, _mm512_shuffle_epi32(a1, _MM_PERM_CDAB));
-            /* (s - zp qsum_i) exactly in int32, then (that * xs) * s_i in fp32 */
-            const __m512i sv = _mm512_sub_epi32(_mm512_permutex2var_epi32(s0, even, s1), qs);
-            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sv), xs), ws);
-            _mm512_mask_storeu_ps(g->out + (m0 + m) * g->V + i0, mk, v);
-            mx[m] = _mm512_mask_max_ps(mx[m], mk, mx[m], v);
-            nan[m] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
-        }
+        const i8_cols_t cols = i8_cols(g, (b0 + c) * VB, (c + 1 < nbk ? 2 : 1) * VB); /* this tile's rows only */
+        for (int m = 0; m < mr; m++)
+            i8_vout(g, &cols, res[m * VG + c], c + 1 < nbk ? res[m * VG + c + 1] : _mm512_setzero_si512(), m0 + m,
+                    mx + m, nan + m);
     }
 }
 
@@ -291,19 +309,9 @@ __attribute__((target("avx512vnni"))) static void i8_vchunk1(const i8_t *g, int6
         DPBUSD(a5, uv, _mm512_loadu_si512(pb + 5 * bs + k8 * 64));
     }
     const __m512i acc[CB] = {a0, a1, a2, a3, a4, a5};
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int c = 0; c < CB; c += 2) {
-        const int64_t i0 = (b0 + c) * VB, n = g->V - i0 < 2 * VB ? g->V - i0 : 2 * VB;
-        const __mmask16 mk = lanes(n);
-        const __m512i qs = _mm512_mullo_epi32(_mm512_set1_epi32(g->zp), _mm512_maskz_loadu_epi32(mk, g->qsum + i0));
-        const __m512i s0 = _mm512_add_epi32(acc[c], _mm512_shuffle_epi32(acc[c], _MM_PERM_CDAB));
-        const __m512i s1 = _mm512_add_epi32(acc[c + 1], _mm512_shuffle_epi32(acc[c + 1], _MM_PERM_CDAB));
-        const __m512i sv = _mm512_sub_epi32(_mm512_permutex2var_epi32(s0, even, s1), qs);
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sv), _mm512_set1_ps(g->xs)),
-                                       _mm512_maskz_loadu_ps(mk, g->ws + i0));
-        _mm512_mask_storeu_ps(g->out + m0 * g->V + i0, mk, v);
-        mx[0] = _mm512_mask_max_ps(mx[0], mk, mx[0], v);
-        nan[0] |= _mm512_mask_cmp_ps_mask(mk, v, v, _CMP_UNORD_Q);
+        const i8_cols_t cols = i8_cols(g, (b0 + c) * VB, 2 * VB);
+        i8_vout(g, &cols, acc[c], acc[c + 1], m0, mx, nan);
     }
 }
 
