@@ -40,6 +40,8 @@ def main(argv=None):
     hot_v = min(V, 2400)
     hot = cpu.i8_pack(torch.randint(-127, 128, (hot_v, D), dtype=torch.int8, generator=g))
     flush = torch.empty(args.flush_mb << 20, dtype=torch.uint8)
+    # (written out rather than cpu.i8_dim so that it also runs on the kernel before the head's repacking, commit
+    # 4543899, whose rows were padded to 4: docs/engine.md compares the two with this script)
     Dp = -(-D // getattr(cpu, "I8_K", 4)) * getattr(cpu, "I8_K", 4)
     print(f"# dsv3_head_i8: {V} x {D} int8 copy ({packed.numel() / 1e6:.1f} MB), 1 thread, {args.rounds} rounds\n")
     print("| rows | product (ms) | vs one row | arithmetic alone, copy in cache (ms) |")

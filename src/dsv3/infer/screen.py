@@ -210,8 +210,8 @@ class GreedyHead:
                 xs = 1.0
             u = torch.round(h / xs).add_(zp).clamp_(0, 2 * zp - 1).to(torch.uint8)
             if self.kernel == "c":
-                k = cpu_kernels.I8_K
-                up = u if D % k == 0 else torch.nn.functional.pad(u, (0, -D % k), value=zp)  # (u - zp) = 0 there
+                Dp = cpu_kernels.i8_dim(D)
+                up = u if Dp == D else torch.nn.functional.pad(u, (0, Dp - D), value=zp)  # (u - zp) = 0 there
                 a = cpu_kernels.head_i8(up.contiguous(), self._i8, self._i8_qsum, self._w_scale, xs, zp,
                                         self.weight.shape[0])
             else:

@@ -239,8 +239,15 @@ def _experts(name: str, x, w1, w3, w2, idx, gw) -> torch.Tensor:
     return out
 
 
-# the bf16 weights' copies in dsv3_linear's layout: id(weight) -> (weak reference, version_key, copy)
+# the bf16 weights' copies in dsv3_linear's layout: id(weight) -> (weak reference, _values_key, copy)
 _PACKED: dict = {}
+
+
+def _values_key(w: torch.Tensor) -> tuple:
+    """What marks a CPU weight's values as changed for the copies made from it: its storage and, where tracked,
+    its version counter (dsv3.model.mla.version_key without dtype and device; here, inline, as it runs for every
+    projection of every decode step)."""
+    return w.data_ptr(), None if w.is_inference() else w._version
 
 
 def packed_bf16(w: torch.Tensor) -> torch.Tensor:
@@ -249,9 +256,7 @@ def packed_bf16(w: torch.Tensor) -> torch.Tensor:
     tracked, an in-place change makes it again). It costs a second copy of each bf16 projection weight that
     decode steps multiply (the fused blocks' and Linear's), in exchange for products that run at the FMA's
     rate at 16 rows (see dsv3_linear)."""
-    # (what dsv3.model.mla.version_key says of a bf16 CPU tensor, inline: this runs for every projection of
-    # every decode step)
-    key = (w.data_ptr(), None if w.is_inference() else w._version)
+    key = _values_key(w)
     got = _PACKED.get(id(w))
     if got is not None and got[1] == key and got[0]() is w:
         return got[2]
@@ -378,8 +383,7 @@ def vnni() -> bool:
 def i8_pack(q: torch.Tensor) -> torch.Tensor:
     """An int8 matrix (V, D) in head_i8's layout: blocks of 8 rows, [k / 8][8][8] bytes, zero padded."""
     V, D = q.shape
-    Dp = -(-D // I8_K) * I8_K
-    out = torch.empty(-(-V // 8) * 8 * Dp, dtype=torch.int8)
+    out = torch.empty(-(-V // 8) * 8 * i8_dim(D), dtype=torch.int8)
     library().dsv3_i8_pack(q.contiguous().data_ptr(), V, D, out.data_ptr())
     return out
 
@@ -388,6 +392,11 @@ def i8_pack(q: torch.Tensor) -> torch.Tensor:
 # head_i8 hands to screen_candidates; and the multiple of k its rows of u are padded to (screen_cpu.c: KB)
 I8_TILE_ROWS = 48
 I8_K = 8
+
+
+def i8_dim(D: int) -> int:
+    """The row length of head_i8's operands for a hidden size D: D rounded up to I8_K."""
+    return -(-D // I8_K) * I8_K
 
 
 def head_i8(u: torch.Tensor, packed: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor, xs: float, zp: int,
@@ -435,11 +444,11 @@ def screen_candidates(a: torch.Tensor, terms: torch.Tensor, factors: torch.Tenso
 
 def screen_prepare(h: torch.Tensor, zp: int, rounding: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """GreedyHead.argmax's quantization for head_i8 in one call: h (R, D) fp32 -> u (R, Dp) uint8 (each row
-    scaled to max |h| = 1, one scale xs for the finite rows, zero point zp, Dp = D rounded up to I8_K), the bound's
+    scaled to max |h| = 1, one scale xs for the finite rows, zero point zp, Dp = i8_dim(D)), the bound's
     terms (3, R) fp32 (NaN for a row that is not finite) and xs. The caller checks vnni()."""
     h = h.contiguous()
     R, D = h.shape
-    Dp = -(-D // I8_K) * I8_K
+    Dp = i8_dim(D)
     u = torch.empty(R, Dp, dtype=torch.uint8)
     terms = torch.empty(3, R, dtype=torch.float32)
     xs = library().dsv3_screen_prepare(h.data_ptr(), R, D, Dp, zp, rounding, u.data_ptr(), terms.data_ptr())
@@ -654,7 +663,7 @@ class _Plan:
         (_weight_ptr: bf16 packed), the rest as they are. Kept while the weights are those weights() last
         checked and the projections' versions (what packed_bf16 tracks) and the packing setting stay the
         same."""
-        key = (self.checked, _bf16_packed, *[None if ws[i].is_inference() else ws[i]._version for i in self.proj])
+        key = (self.checked, _bf16_packed, *[_values_key(ws[i]) for i in self.proj])
         if key != self.ptr_key:
             self.ptrs = [_weight_ptr(w) if i in self.proj else w.data_ptr() for i, w in enumerate(ws)]
             self.ptr_key = key
