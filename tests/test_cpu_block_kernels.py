@@ -249,8 +249,9 @@ def test_fused_blocks_do_not_depend_on_the_batch_or_the_threads():
 
 def test_fused_blocks_see_weights_changed_in_place():
     """The fused blocks keep each block's weight pointers (bf16 projections: their packed copies) between calls;
-    an in-place change of a projection weight (outside inference mode: a new version) must reach the next call
-    (the states equal those of a fresh model with the new weights), and so must the packing setting toggled
+    an in-place change of a projection weight (outside inference mode: a new version) or a replaced parameter
+    must reach the next call (the states equal those of a fresh model with the new weights), and so must the
+    packing setting toggled
     (the plan then hands the kernel the weights as they are)."""
     m = _model({}, torch.bfloat16)
     prompt = torch.randint(0, m.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -265,6 +266,12 @@ def test_fused_blocks_see_weights_changed_in_place():
                 mlp.w2.weight.mul_(2)
     got = _decode(m, prompt, 2, offsets)
     fresh = _model({}, torch.bfloat16)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(got, _decode(fresh, prompt, 2, offsets))
+    # a projection's parameter replaced by a new tensor: its values reach the next call too
+    wq_b = m.layers[0].attn.wq_b
+    wq_b.weight = torch.nn.Parameter(wq_b.weight.detach() * 2, requires_grad=False)
+    got = _decode(m, prompt, 2, offsets)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(got, _decode(fresh, prompt, 2, offsets))
     attn = m.layers[0].attn

@@ -285,10 +285,10 @@ def bf16_packed(on: bool | None = None) -> bool:
     return prev
 
 
-def _weight_ptr(w: torch.Tensor) -> int:
+def _weight_operand(w: torch.Tensor) -> torch.Tensor:
     """What dsv3_linear (and the fused blocks' products) take for w: bf16 packed (packed_bf16) unless
     bf16_packed(False), fp32 as it is."""
-    return (packed_bf16(w) if w.dtype == torch.bfloat16 and _bf16_packed else w).data_ptr()
+    return packed_bf16(w) if w.dtype == torch.bfloat16 and _bf16_packed else w
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -299,7 +299,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=x.dtype)
-    _check(library().dsv3_linear(x.data_ptr(), _weight_ptr(w), out.data_ptr(), M, K, N, torch.get_num_threads(),
+    _check(library().dsv3_linear(x.data_ptr(), _weight_operand(w).data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
                                  int(x.dtype == torch.bfloat16)), "dsv3_linear")
     return out
 
@@ -644,6 +644,7 @@ class _Plan:
         # which of the weights are projections the kernels multiply through dsv3_linear (pointers())
         self.proj = tuple(i for i, (mod, _) in enumerate(weights) if any(mod is m for m in projections))
         self.checked = self.ptr_key = self.ptrs = None
+        self.ptr_ws, self.ptr_copies = [], []
         self.subs = self.extra = None
 
     def weights(self, x: torch.Tensor):
@@ -660,12 +661,16 @@ class _Plan:
 
     def pointers(self, ws) -> list[int]:
         """The weights' data pointers as the kernel call takes them: the projections as dsv3_linear does
-        (_weight_ptr: bf16 packed), the rest as they are. Kept while the weights are those weights() last
-        checked and the projections' versions (what packed_bf16 tracks) and the packing setting stay the
-        same."""
+        (_weight_operand: bf16 packed), the rest as they are. Kept while the weights are the same tensors
+        (weak references: a new tensor at a freed one's address is not taken for it), their storage and the
+        projections' versions (what packed_bf16 tracks) and the packing setting stay the same; the packed copies
+        whose pointers are kept are held here, so a pointer never outlives its copy."""
         key = (self.checked, _bf16_packed, *[_values_key(ws[i]) for i in self.proj])
-        if key != self.ptr_key:
-            self.ptrs = [_weight_ptr(w) if i in self.proj else w.data_ptr() for i, w in enumerate(ws)]
+        if key != self.ptr_key or any(r() is not w for r, w in zip(self.ptr_ws, ws)):
+            ops = [_weight_operand(w) if i in self.proj else w for i, w in enumerate(ws)]
+            self.ptrs = [t.data_ptr() for t in ops]
+            self.ptr_copies = [t for t, w in zip(ops, ws) if t is not w]
+            self.ptr_ws = [weakref.ref(w) for w in ws]
             self.ptr_key = key
         return self.ptrs
 
