@@ -180,6 +180,43 @@ def test_no_screen_for_a_tensor_parallel_head():
         screen.MIN_ELEMENTS = old
 
 
+@pytest.mark.parametrize("rows", [7, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_built_in_row_blocks_with_the_whole_matrix_values(monkeypatch, rows, dtype):
+    """The quantization and the bound's factors, built BUILD_ROWS rows at a time, equal those of the whole
+    matrix at once (V not a multiple of the block, a zero row)."""
+    monkeypatch.setattr(screen, "BUILD_ROWS", rows)
+    w = weights("scaled-rows", V=3001, D=200).to(dtype)
+    gh = GreedyHead(w, "dynamic")
+    wf = w.float()
+    scale = wf.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127)
+    wq = q * scale[:, None]
+    assert torch.equal(gh.err_l2, (wf - wq).norm(dim=1))
+    assert torch.equal(gh.wq_l2, wq.norm(dim=1))
+    assert torch.equal(gh.l1, torch.maximum(wq.abs().sum(dim=1), wf.abs().sum(dim=1)))
+    assert gh.err_l2[17] == gh.wq_l2[17] == gh.l1[17] == 0
+    if screen.cpu_kernels.vnni():
+        c = GreedyHead(w, "c")
+        assert torch.equal(c._w_scale, scale) and torch.equal(c._i8_qsum, q.sum(dim=1).to(torch.int32))
+        assert torch.equal(c._i8, screen.cpu_kernels.i8_pack(q.to(torch.int8)))
+
+
+def test_the_engine_builds_the_screen_before_the_first_request(monkeypatch):
+    monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
+    m = tiny_model(0)
+    e = Engine(m)
+    gh = m.__dict__.get("_greedy_head")
+    assert gh is not None and not gh.stale(m.head.weight)
+    built, screened = [], []
+    monkeypatch.setattr(screen.GreedyHead, "__init__", lambda self, *a: built.append(1))
+    real = screen.GreedyHead.argmax
+    monkeypatch.setattr(screen.GreedyHead, "argmax", lambda self, h: screened.append(1) or real(self, h))
+    e.generate(rand_prompts([6], 3), greedy(4))
+    assert screened and not built
+
+
 def test_rebuilt_when_the_head_changes():
     m = tiny_model(0)
     screen.MIN_ELEMENTS, old = 0, screen.MIN_ELEMENTS

@@ -64,6 +64,8 @@ MAX_ROWS = 64
 # Width of the chunks whose maxima locate the candidates (`GreedyHead._candidates`): the C int8 product's tile,
 # whose maxima it takes while they are in registers (any multiple of 16 finds the same candidates)
 CHUNK = cpu_kernels.I8_TILE_ROWS
+# rows of the head quantized at a time when a GreedyHead is built
+BUILD_ROWS = 1024
 # More candidates than this in one row and that row's fp32 logits are computed in full instead.
 MAX_CANDIDATES = 4096
 # the kernel's fp32 output scaling and the reference's fp32 dot product, per unit of L1_i ||h||_inf
@@ -128,18 +130,26 @@ class GreedyHead:
             raise ValueError(f"kernel must be None, 'c', 'onednn' or 'dynamic', got {kernel!r}")
         self.weight = weight.detach()  # rescoring reads candidate rows of it
         self.bf16 = weight.dtype == torch.bfloat16
-        w = self.weight.float()  # the values (exact for bf16), from which the int8 copy and norms are made
-        V, D = w.shape
-        # per-row symmetric int8 quantization (zero rows get scale 1 and stay exactly 0)
-        scale = w.abs().amax(dim=1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127)
-        wq = q * scale[:, None]  # (V, D) the dequantized copy the kernel multiplies by
-        self.err_l2 = (w - wq).norm(dim=1)  # ||e_i||_2
-        self.wq_l2 = wq.norm(dim=1)  # ||wq_i||_2
-        # one L1 norm for the rounding terms (and the dynamic kernel's activation term): max(||wq_i||_1, ||w_i||_1)
-        self.l1 = torch.maximum(wq.abs().sum(dim=1), w.abs().sum(dim=1))
-        del wq
+        V, D = self.weight.shape
+        # per-row symmetric int8 quantization (zero rows get scale 1 and stay exactly 0), built BUILD_ROWS rows at a
+        # time: the fp32 temporaries stay in cache instead of several (V, D) fp32 copies (a 129k x 7168 head: ~4 GB
+        # each), and every row's values are those of a whole-matrix build (row-wise operations only)
+        scale = torch.empty(V)
+        q8 = torch.empty(V, D, dtype=torch.int8)
+        self.err_l2, self.wq_l2, self.l1 = torch.empty(V), torch.empty(V), torch.empty(V)
+        qsum = torch.empty(V, dtype=torch.int32)
+        for i in range(0, V, BUILD_ROWS):
+            j = min(V, i + BUILD_ROWS)
+            w = self.weight[i:j].float()  # the values (exact for bf16)
+            s = w.abs().amax(dim=1) / 127.0
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            q = torch.round(w / s[:, None]).clamp_(-127, 127)
+            wq = q * s[:, None]  # the dequantized rows the kernel multiplies by
+            torch.linalg.vector_norm(w - wq, dim=1, out=self.err_l2[i:j])  # ||e_i||_2
+            torch.linalg.vector_norm(wq, dim=1, out=self.wq_l2[i:j])  # ||wq_i||_2
+            # one L1 norm for the rounding terms (and the dynamic kernel's activation term): max(||wq_i||_1, ||w_i||_1)
+            torch.maximum(wq.abs().sum(dim=1), w.abs().sum(dim=1), out=self.l1[i:j])
+            scale[i:j], q8[i:j], qsum[i:j] = s, q, q.sum(dim=1)
         # b_ri = sum_f factor_f[i] * term_f[r], f over (||e_i||_2, ||wq_i||_2, L1_i)
         self._factors = (self.err_l2, self.wq_l2, self.l1)
         self._factor_max = tuple(f.max() for f in self._factors)
@@ -154,8 +164,8 @@ class GreedyHead:
         self.kernel = self.engine = None
         if kernel in (None, "c") and cpu_kernels.vnni():
             # this project's AVX512-VNNI kernel (dsv3/kernels/screen_cpu.c) on a copy packed for it
-            self._i8 = cpu_kernels.i8_pack(q.to(torch.int8))
-            self._i8_qsum = q.sum(dim=1).to(torch.int32)
+            self._i8 = cpu_kernels.i8_pack(q8)
+            self._i8_qsum = qsum
             self._w_scale = scale.float().contiguous()
             self.kernel = "c"
         elif kernel == "c":
@@ -163,7 +173,7 @@ class GreedyHead:
         ops = _onednn_linear() if kernel in (None, "onednn") and self.kernel is None else None
         if ops is not None:
             try:
-                self._w_packed = ops[0](q.to(torch.int8), [1, D])
+                self._w_packed = ops[0](q8, [1, D])
                 self._w_scale, self._w_zp = scale.float(), torch.zeros(V, dtype=torch.long)
                 self._linear = ops[1]
                 self.kernel = "onednn"
@@ -178,7 +188,7 @@ class GreedyHead:
                 raise ValueError("GreedyHead needs oneDNN or a quantized CPU engine (onednn, fbgemm or x86) "
                                  "in this torch build")
             with _quant_engine(engine), _quiet():
-                qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
+                qw = torch.quantize_per_channel(self.weight.float(), scale.double(), torch.zeros(V, dtype=torch.long), 0, torch.qint8)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
             self.kernel, self.engine = "dynamic", engine
         # the candidate search and rescoring: "c" (one kernel call each, where the CPU kernels load) or "torch"
