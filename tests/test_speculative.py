@@ -88,6 +88,9 @@ def test_verify_greedy_accepts_the_matching_prefix():
     target = torch.tensor([[5, 7, 9], [5, 8, 9], [4, 7, 9]])
     drafts = torch.tensor([[5, 7], [5, 7], [5, 7]])
     assert verify_greedy(target, drafts) == [[5, 7, 9], [5, 8], [4]]
+    # nested lists (the engine's screened path) give the same, and a mismatch stops the prefix for good
+    assert verify_greedy(target.tolist(), drafts.tolist()) == [[5, 7, 9], [5, 8], [4]]
+    assert verify_greedy([[1, 2, 3]], [[0, 2]]) == [[1]]
 
 
 @pytest.mark.parametrize("kind", ["random-mtp", "aligned-mtp"])

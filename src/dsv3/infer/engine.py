@@ -603,8 +603,7 @@ class Engine:
         reqs = [it.req for it in group]
         dev = self.device
         tokens = torch.tensor([[r.tokens[-1], r.draft] for r in reqs], dtype=torch.long, device=dev)
-        starts = torch.tensor([it.start for it in group], dtype=torch.long)
-        positions = (starts[:, None] + torch.arange(2)).to(dev)
+        positions = torch.tensor([[it.start, it.start + 1] for it in group], dtype=torch.long, device=dev)
         self._bind(reqs, positions)
         # absorbed attention also for the 2-token verify: the cache is never decompressed in decode
         self._set_impl("absorb")
@@ -613,8 +612,8 @@ class Engine:
         drafts = [[r.draft] for r in reqs]
         tgt = self._screened(reqs, h.reshape(2 * B, -1))
         if tgt is not None:  # every row greedy without penalties or logprobs: no full logits needed
-            self._accept(group, h, tokens, positions, verify_greedy(torch.tensor(tgt).view(B, 2),
-                                                                    torch.tensor(drafts)), None)
+            self._accept(group, h, tokens, positions, verify_greedy([tgt[2 * i:2 * i + 2] for i in range(B)], drafts),
+                         None)
             return
         logits = self.model.logits(h).float()  # (B, 2, V)
         x0 = self._process(reqs, logits[:, 0])
@@ -662,11 +661,8 @@ class Engine:
                 if self._append(r, t, lp):
                     break
         # MTP over the two verified positions; the draft comes from the last valid one
-        nxt = torch.zeros(B, 2, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            e = emitted[i]
-            nxt[i, :len(e)] = torch.tensor(e, dtype=torch.long)
-        self._draft(group, h, tokens, nxt.to(dev), positions, dict(enumerate(acc)))
+        nxt = torch.tensor([e + [0] * (2 - len(e)) for e in emitted], dtype=torch.long, device=dev)
+        self._draft(group, h, tokens, nxt, positions, dict(enumerate(acc)))
 
     def _draft(self, group: list[_Item], h, tokens, nxt, positions, rows_pos: dict[int, int]):
         """Run MTP module 1 over this forward's positions (filling its cache layer) and draft the next
@@ -676,10 +672,11 @@ class Engine:
         live = [i for i in sorted(rows_pos) if not group[i].req.finished]
         if not live:
             return
-        rows = torch.tensor(live, device=self.device)
-        cols = torch.tensor([rows_pos[i] for i in live], device=self.device)
         reqs = [group[i].req for i in live]
-        x = out[rows, cols]
+        if len(live) == 1:  # a view (batch 1): no index tensors
+            x = out[live[0], rows_pos[live[0]]][None]
+        else:
+            x = out[torch.tensor(live, device=self.device), torch.tensor([rows_pos[i] for i in live], device=self.device)]
         toks = self._screened(reqs, x, need_logprobs=False) if self._draft_ids is None else None
         if toks is not None:
             for j, r in enumerate(reqs):

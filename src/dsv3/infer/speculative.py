@@ -40,14 +40,18 @@ class SpecStats:
         return (self.steps + self.accepted) / self.steps if self.steps else 0.0
 
 
-def verify_greedy(target: torch.Tensor, drafts: torch.Tensor) -> list[list[int]]:
-    """target (B, k+1): argmax of the target at each verified position; drafts (B, k).
-    Emits the accepted drafts and then the target's token at the first mismatch (or the bonus)."""
-    B, k = drafts.shape
-    match = (target[:, :k] == drafts).int()
-    n_acc = match.cumprod(dim=1).sum(dim=1).tolist()
-    tgt = target.tolist()
-    return [tgt[b][:n_acc[b] + 1] for b in range(B)]
+def verify_greedy(target, drafts) -> list[list[int]]:
+    """target (B, k+1): argmax of the target at each verified position; drafts (B, k); tensors or nested
+    lists of ints. Emits the accepted drafts and then the target's token at the first mismatch (or the bonus).
+    Plain Python: B and k are a decode batch and a few drafts (tensor ops cost more than they save here)."""
+    tgt = target.tolist() if isinstance(target, torch.Tensor) else target
+    out = []
+    for t, d in zip(tgt, drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts):
+        n = 0
+        while n < len(d) and t[n] == d[n]:
+            n += 1
+        out.append(t[:n + 1])
+    return out
 
 
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor) -> list[list[int]]:

@@ -49,6 +49,20 @@ class Transformer(nn.Module):
 
     # ---- the pieces, for the trainer / engine ----
     def _prepare(self, tokens, positions, cache):
+        # a cached step's MTP forward (mtp_hidden) comes with the positions tensor its main forward had: the
+        # tables and mask made for it are reused (kept with the tensor itself, so never for another one)
+        if positions is None or cache is None:
+            return self._tables(tokens, positions, cache)
+        # (inference tensors have no version counter)
+        key = (None if positions.is_inference() else positions._version, tokens.shape, tokens.device)
+        memo = self.__dict__.get("_prepared")
+        if memo is not None and memo[0] is positions and memo[1] == key:
+            return memo[2]
+        out = self._tables(tokens, positions, cache)
+        self.__dict__["_prepared"] = (positions, key, out)
+        return out
+
+    def _tables(self, tokens, positions, cache):
         B, S = tokens.shape
         mask = None
         if positions is None:

@@ -112,7 +112,7 @@ class PipelineStage(nn.Module):
 
     # The single-device model's own code on this stage's modules (they read only self.rotary,
     # self.embed, self.mtp and self.head): the same mask/rotary preparation, head and MTP as one process.
-    _prepare = Transformer._prepare
+    _prepare, _tables = Transformer._prepare, Transformer._tables
     logits = Transformer.logits
     mtp_hidden = Transformer.mtp_hidden
 
