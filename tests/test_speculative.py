@@ -127,6 +127,33 @@ def test_speculative_greedy_equals_plain_greedy(kind):
         assert small.stats().spec.accepted > 0
 
 
+def test_greedy_drafts_over_a_draft_vocabulary_through_its_int8_screen(monkeypatch):
+    """Greedy drafts over a draft vocabulary (given unsorted) read its int8 screen: the same drafts, so the
+    same acceptance, as its full logits, and the plain greedy output."""
+    import dsv3.infer.screen as screen
+
+    m = aligned_model(seed=2)
+    prompts = rand_prompts((5, 3, 6), seed=8)
+    plain = [c.token_ids for c in Engine(m, block_size=4, eos_token_id=None).generate(prompts, greedy(20))]
+    vocab = list(range(511, 0, -3)) + [t for p in plain for t in p]
+    vocab = list(dict.fromkeys(vocab))
+    monkeypatch.setattr(screen, "MIN_ELEMENTS", 0)
+    runs = {}
+    for screened in (True, False):
+        e = Engine(m, block_size=4, eos_token_id=None, speculative="mtp", draft_vocab=vocab)
+        assert (e._draft_screen is not None) and e._draft_id_list == sorted(vocab)
+        if not screened:
+            e._draft_screen = None
+        calls = []
+        if screened:
+            real = e._draft_screen.argmax
+            e._draft_screen.argmax = lambda h: calls.append(h.shape[0]) or real(h)
+        assert [c.token_ids for c in e.generate(prompts, greedy(20))] == plain
+        runs[screened] = (e.stats().spec.accepted, e.stats().spec.drafted)
+        assert bool(calls) == screened
+    assert runs[True] == runs[False] and runs[True][0] > 0
+
+
 def test_frequent_tokens_ranks_by_count():
     assert frequent_tokens([[5, 3, 5], [7, 5, 3]], 2) == [5, 3]
 

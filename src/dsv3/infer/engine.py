@@ -39,7 +39,7 @@ from dsv3.infer.params import (ABORT, LENGTH, STOP, Completion, Request, Request
 from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, batched_filtered_probs,
                                  sample_inverse_cdf, token_logprobs)
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
-from dsv3.infer.screen import greedy_head
+from dsv3.infer.screen import MAX_ROWS, GreedyHead, greedy_head
 from dsv3.kernels import cpu as cpu_kernels
 from dsv3.model.moe import MoE
 
@@ -144,16 +144,21 @@ class Engine:
         if speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
             raise ValueError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1)")
         self.spec = speculative == "mtp"
-        self._draft_ids = self._draft_w = None
+        self._draft_ids = self._draft_w = self._draft_screen = self._draft_id_list = None
         if draft_vocab is not None:
             if not self.spec:
                 raise ValueError("draft_vocab is only used with speculative='mtp'")
             ids = torch.as_tensor(list(draft_vocab), dtype=torch.long)
             if ids.numel() == 0 or ids.min() < 0 or ids.max() >= cfg.vocab_size or ids.unique().numel() != ids.numel():
                 raise ValueError(f"draft_vocab must be distinct token ids in [0, {cfg.vocab_size})")
-            self._draft_ids = ids.to(self.device)
-            # model.logits(x) is head(x): the draft reads only these rows of its weight
+            # in increasing order: the screen's ties go to the lowest row, which is then the lowest id, as the
+            # argmax over the full masked logits takes it
+            ids = ids.sort().values
+            self._draft_ids, self._draft_id_list = ids.to(self.device), ids.tolist()
+            # model.logits(x) is head(x): the draft reads only these rows of its weight, through the few-row
+            # kernels, and greedy drafts through an int8 screen of its own (None where the screen does not apply)
             self._draft_w = model.head.weight.detach()[self._draft_ids].contiguous()
+            self._draft_screen = GreedyHead(self._draft_w) if GreedyHead.supported(self._draft_w) else None
         self.max_model_len = cfg.max_position_embeddings if max_model_len is None else int(max_model_len)
         if max_num_seqs < 1 or max_num_batched_tokens < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= 2")
@@ -677,7 +682,7 @@ class Engine:
             x = out[live[0], rows_pos[live[0]]][None]
         else:
             x = out[torch.tensor(live, device=self.device), torch.tensor([rows_pos[i] for i in live], device=self.device)]
-        toks = self._screened(reqs, x, need_logprobs=False) if self._draft_ids is None else None
+        toks = self._screened(reqs, x, need_logprobs=False, draft=self._draft_ids is not None)
         if toks is not None:
             for j, r in enumerate(reqs):
                 r.draft, r.draft_probs = toks[j], None
@@ -686,7 +691,11 @@ class Engine:
             logits = self.model.logits(x).float()
         else:  # tokens outside the draft vocabulary get probability 0 in q
             logits = torch.full((len(live), self.cfg.vocab_size), float("-inf"), device=x.device)
-            logits[:, self._draft_ids] = torch.nn.functional.linear(x, self._draft_w).float()
+            w = self._draft_w
+            sub = cpu_kernels.linear(x.contiguous(), w) if (cpu_kernels.usable(x, w) and
+                                                            x.shape[0] <= cpu_kernels.LINEAR_MAX_ROWS) else \
+                torch.nn.functional.linear(x, w)
+            logits[:, self._draft_ids] = sub.float()
         toks, probs = self._choose(reqs, logits, keep_probs=True)
         for j, r in enumerate(reqs):
             r.draft = toks[j]
@@ -722,19 +731,23 @@ class Engine:
                 row[torch.tensor(sorted(r.stop_ids), device=row.device)] = float("-inf")
         return out
 
-    def _screened(self, reqs: list[Request], h: torch.Tensor, need_logprobs: bool = True):
+    def _screened(self, reqs: list[Request], h: torch.Tensor, need_logprobs: bool = True, draft: bool = False):
         """Greedy tokens for hidden states h (R, D), one row per request (or two consecutive rows per
         request in verification), through the int8 screen of the head (dsv3.infer.screen): exactly
         the argmax of the full logits (fp32, or bf16 with ties to the lowest id), without reading the
         head in full. None when any request needs the full logits (sampling, penalties, a masked stop
         id, logprobs) or the screen does not apply (dtype, device, vocabulary size, too many rows);
-        the caller then computes them."""
+        the caller then computes them. draft: the rows are MTP drafts over the draft vocabulary (its own screen)."""
         for r in reqs:
             p = r.params
             if not p.greedy or p.penalised or (need_logprobs and p.logprobs is not None):
                 return None
             if r.stop_ids and r.num_output_tokens < p.min_new_tokens:  # stop ids masked (see _process)
                 return None
+        if draft:
+            gh = self._draft_screen if h.shape[0] <= MAX_ROWS else None
+            ids = self._draft_id_list
+            return None if gh is None else [ids[t] for t in gh.argmax(h).tolist()]
         gh = greedy_head(self.model, h.shape[0])
         if gh is None:
             return None
