@@ -55,6 +55,29 @@ def proc(tmp_path):
         p.wait()
 
 
+def test_the_built_server_freezes_what_lives_as_long_as_the_process(tmp_path):
+    """build_server ends with gc.freeze(): full collections while serving skip the model's objects."""
+    import argparse
+    import gc
+
+    from dsv3.serve.app import build_server, configure
+
+    p = argparse.ArgumentParser()
+    configure(p)
+    args = p.parse_args(["--model", str(build_model_dir(tmp_path / "tiny")), "--threads", "1",
+                         "--cache-memory-mb", "16"])
+    gc.unfreeze()
+    try:
+        server = build_server(args)
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000
+        # the engine and the model are among the frozen objects: a full collection does not visit them
+        seen = set(map(id, gc.get_objects()))
+        assert id(server.engine) not in seen and id(server.engine.model) not in seen
+    finally:
+        gc.unfreeze()
+
+
 def test_api_key_and_graceful_sigterm(proc):
     p, url = proc
     kw = dict(model="tiny", messages=[{"role": "user", "content": "Speak."}], max_tokens=3)

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import hmac
 import json
 import logging
@@ -999,8 +1000,14 @@ def build_server(args, model=None) -> Server:
     if isinstance(model, lockstep.LockstepModel):
         lockstep.attach(engine)  # the other ranks build the same cache and follow this engine's forwards
     names = args.served_model_name or [path.resolve().name]
-    return Server(engine, tok, names, root=str(path), api_key=args.api_key or None,
-                  batch_wait=args.batch_wait_ms / 1000)
+    server = Server(engine, tok, names, root=str(path), api_key=args.api_key or None,
+                    batch_wait=args.batch_wait_ms / 1000)
+    # The model, its modules and the imported libraries are ~300k objects that live as long as the process:
+    # moved out of the collector's generations, a full collection no longer walks them (with `small` loaded,
+    # 130 ms with the GIL held, i.e. a stall of every stream, against well under 1 ms after the freeze).
+    gc.collect()
+    gc.freeze()
+    return server
 
 
 def make_uvicorn_server(app, host: str, port: int, log_level: str = "info", shutdown_timeout: float | None = None):
