@@ -71,6 +71,15 @@ def fp8_gemm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, bl
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n, k = w_fp8.shape
     lead = x.shape[:-1]
+    if backend == "auto" and x.device.type == "cpu":
+        # inference on the CPU: the activations' quantization and the product in two kernel calls that read the
+        # weight as its bytes (the same values and sums, in another order; "emulated" below is its twin,
+        # tests/test_fp8_cpu.py)
+        from dsv3.kernels import cpu as cpu_kernels
+
+        y = cpu_kernels.fp8_linear(x.reshape(-1, k), w_fp8, w_scale_inv, block, quantize=True, scale_fmt=scale_fmt)
+        if y is not None:
+            return y.to(x.dtype).reshape(*lead, n)
     xq, xs = act_quant(x.reshape(-1, k), block, scale_fmt)  # (M, K) fp8, (M, KB) fp32
     m = xq.shape[0]
     # Weight block scales broadcast to one per output column: (KB, N).

@@ -27,7 +27,7 @@ from dsv3.checkpoint import _get, _weight_files, check_complete, check_shape, hf
 from dsv3.config import ModelConfig
 from dsv3.fp8.linear import BACKENDS, FP8Linear, fp8_gemm, fp8_gemm_reference
 from dsv3.fp8.quant import BLOCK, FP8_DTYPE, _check_scale_fmt, weight_dequant, weight_quant
-from dsv3.model.mla import MLA
+from dsv3.model.mla import MLA, version_key
 from dsv3.model.moe import MLP, Experts, MoE, combine, dispatch
 from dsv3.model.transformer import Transformer
 
@@ -114,9 +114,12 @@ class FP8Experts(nn.Module):
 
 
 class FP8MLA(MLA):
-    """MLA whose absorbed path works with an FP8 wkv_b: the weight is dequantized to the model
-    dtype for each absorbed forward (no persistent BF16 copy, which MLA would otherwise cache), as
-    in DeepSeek's reference. The naive path simply calls wkv_b (an FP8Linear)."""
+    """MLA whose absorbed path works with an FP8 wkv_b: the absorbed path's per-head halves are the
+    dequantized weight (DeepSeek's reference dequantizes wkv_b on every absorbed forward). Without autograd
+    they are kept, as MLA keeps its own, and made again when the FP8 weight or its scales change: a decode
+    step would otherwise dequantize every layer's wkv_b again (on a CPU, 16.7M values per layer at
+    DeepSeek-V3's shapes; in fp32 the kept halves are ~67 MB per layer there). The naive path simply calls
+    wkv_b (an FP8Linear)."""
 
     def _absorb_weights(self, dtype=None):
         if not isinstance(self.wkv_b, FP8Linear):
@@ -124,10 +127,16 @@ class FP8MLA(MLA):
         H = self.n_heads
         # the dtype the products of the absorbed path run in: the one asked for, else the model's
         # (norms stay unquantized)
-        w = weight_dequant(self.wkv_b.weight, self.wkv_b.weight_scale_inv, self.wkv_b.block,
-                           dtype=dtype or self.kv_norm.weight.dtype)
-        w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, nope + v, C)
-        return w[:, :self.nope], w[:, self.nope:]
+        dtype = dtype or self.kv_norm.weight.dtype
+        wq, ws = self.wkv_b.weight, self.wkv_b.weight_scale_inv
+        key = (version_key(wq), version_key(ws), self.wkv_b.block, dtype)
+        if getattr(self, "_fp8_absorb_key", None) != key:
+            w = weight_dequant(wq, ws, self.wkv_b.block, dtype=dtype)
+            w = w.view(H, self.nope + self.v_dim, self.kv_lora_rank)  # (H, nope + v, C)
+            w_vt = w[:, self.nope:].transpose(1, 2).contiguous()  # (H, C, v), as MLA keeps it
+            self._fp8_absorb_cache = (w[:, :self.nope].contiguous(), w_vt.transpose(1, 2))
+            self._fp8_absorb_key = key
+        return self._fp8_absorb_cache
 
 
 def _fp8_blocks(model: Transformer):

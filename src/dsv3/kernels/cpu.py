@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger("dsv3.kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c", "gemm_cpu.c", "screen_cpu.c")]
+_SOURCES = [os.path.join(_HERE, f) for f in ("moe_cpu.c", "attn_cpu.c", "gemm_cpu.c", "screen_cpu.c", "fp8_cpu.c")]
 _HEADERS = [os.path.join(_HERE, "common.h")]
 # -ffp-contract=off: products and sums written as separate C operations round separately, as PyTorch's
 # separate ops do (the kernels' fused multiply-adds are explicit intrinsics)
@@ -157,6 +157,10 @@ def library() -> ctypes.CDLL | None:
             lib.dsv3_screen_candidates.restype = i64
             lib.dsv3_bf16_dot.argtypes = [i32]
             lib.dsv3_bf16_dot.restype = i32
+            lib.dsv3_fp8_linear.argtypes = [p] * 5 + [i64] * 4 + [i32]
+            lib.dsv3_fp8_linear.restype = i32
+            lib.dsv3_fp8_act_quant.argtypes = [p, i64, i64, i64, i32, i32, p, p]
+            lib.dsv3_fp8_act_quant.restype = i32
             return lib
     log.info("dsv3 CPU kernels unavailable: %s; the PyTorch paths are used", _reason)
     return None
@@ -301,6 +305,50 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, N, dtype=x.dtype)
     _check(library().dsv3_linear(x.data_ptr(), _weight_operand(w).data_ptr(), out.data_ptr(), M, K, N, torch.get_num_threads(),
                                  int(x.dtype == torch.bfloat16)), "dsv3_linear")
+    return out
+
+
+# the most rows fp8_linear takes: each pass over a weight row serves 8 of them, so beyond a few hundred rows a GEMM
+# over the decoded weight (dsv3.fp8.linear.fp8_gemm's own path) would be the better form
+FP8_MAX_ROWS = 1024
+
+
+def fp8_act_quant(x: torch.Tensor, block: int, scale_fmt=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dsv3.fp8.quant.act_quant of x (M, K) fp32 or bf16 in one kernel call: (the e4m3 values as fp32 (M, K), the
+    tiles' fp32 scales (M, ceil(K / block))), the same values. The caller checks library() and block % 16 == 0."""
+    x = x.contiguous()
+    M, K = x.shape
+    xq = torch.empty(M, K, dtype=torch.float32)
+    xs = torch.empty(M, -(-K // block), dtype=torch.float32)
+    _check(library().dsv3_fp8_act_quant(x.data_ptr(), M, K, block, int(scale_fmt == "ue8m0"),
+                                        int(x.dtype == torch.bfloat16), xq.data_ptr(), xs.data_ptr()), "dsv3_fp8_act_quant")
+    return xq, xs
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, block: int, quantize: bool = False,
+               scale_fmt=None) -> torch.Tensor | None:
+    """x (M, K) @ W^T -> (M, N) fp32, W given as its float8_e4m3fn values w (N, K) and fp32 block scales ws
+    (ceil(N / block), ceil(K / block)), read as bytes (dsv3/kernels/fp8_cpu.c). quantize=False: the product with
+    the dequantized weight (fp8_gemm_reference's); True: x quantized in 1 x block tiles first (act_quant, with
+    scale_fmt), DeepSeek's FP8 GEMM (fp8_gemm's). Each value is one sum in an order that does not depend on M. None
+    where the kernel does not take these tensors (not inference on the CPU, x neither fp32 nor bf16, more than
+    FP8_MAX_ROWS rows, block not a multiple of 16, shapes that do not match)."""
+    if (library() is None or torch.compiler.is_compiling() or x.dim() != 2 or x.device.type != "cpu"
+            or x.dtype not in DTYPES or w.device.type != "cpu" or w.dtype != torch.float8_e4m3fn or w.dim() != 2
+            or block % 16 or block <= 0 or ws.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    M, K = x.shape
+    N = w.shape[0]
+    if not 0 < M <= FP8_MAX_ROWS or w.shape[1] != K or tuple(ws.shape) != (-(-N // block), -(-K // block)):
+        return None
+    if quantize:
+        x, xs = fp8_act_quant(x, block, scale_fmt)
+    else:
+        x, xs = x.to(torch.float32).contiguous(), None
+    w, ws = w.contiguous(), ws.to(torch.float32).contiguous()
+    out = torch.empty(M, N, dtype=torch.float32)
+    _check(library().dsv3_fp8_linear(x.data_ptr(), None if xs is None else xs.data_ptr(), w.data_ptr(), ws.data_ptr(),
+                                     out.data_ptr(), M, K, N, block, torch.get_num_threads()), "dsv3_fp8_linear")
     return out
 
 
