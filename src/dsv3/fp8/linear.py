@@ -63,8 +63,10 @@ def fp8_gemm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, bl
 
     backend: "scaled_mm" runs each K block as an FP8 x FP8 torch._scaled_mm with row-wise fp32
     scales; "emulated" decodes the fp8 values to fp32 (exact) and does the same per-block products;
-    "auto" picks scaled_mm off-CPU when the probe passes, else emulated (on CPU, torch's FP8
-    scaled_mm has no fast kernel and measures slower than the emulation: benchmarks/fp8_bench.py)."""
+    "auto" picks scaled_mm off-CPU when the probe passes; on the CPU, inference of up to
+    cpu.FP8_MAX_ROWS rows takes this project's kernels (dsv3/kernels/fp8_cpu.c, the emulation's values
+    summed in another order), else the emulation (torch's FP8 scaled_mm has no fast CPU kernel and
+    measures slower than the emulation: benchmarks/fp8_bench.py)."""
     _check_gemm_args(x, w_fp8, w_scale_inv, block)
     _check_scale_fmt(scale_fmt)
     if backend not in BACKENDS:
