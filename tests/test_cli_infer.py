@@ -61,6 +61,33 @@ def test_generate_prints_the_engine_greedy_text(folder, capsys):
     assert capsys.readouterr().out == text[:text.index(stop)] + "\n"
 
 
+def test_generate_fp8_prints_the_fp8_resident_models_greedy_text(folder, capsys):
+    """--fp8: the checkpoint is quantized while loading (dsv3.fp8.resident) and its FP8 engine's tokens printed."""
+    from dsv3.fp8.resident import fp8_modules
+
+    d = folder[0]
+    tok = Tokenizer.from_dir(d)
+    m = dsv3.load_model(d, dtype=torch.float32, fp8=True)
+    assert fp8_modules(m)  # the release's FP8 set is FP8 in memory
+    ids = tok.encode("To be, or not")
+    out = Engine(m, eos_token_id=None).generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    assert out.token_ids != engine_text(d, ids, 10)[0]  # this model's FP8 tokens differ from its fp32 ones
+    assert main(["generate", "--model", str(d), "--prompt", "To be, or not", "--max-new-tokens", "10",
+                 "--ignore-eos", "--dtype", "float32", "--fp8"]) == 0
+    assert capsys.readouterr().out == tok.decode(out.token_ids, skip_special_tokens=True) + "\n"
+
+
+def test_fp8_is_refused_for_a_model_the_ranks_loaded():
+    import argparse
+
+    from dsv3.infer.cli_generate import refuse_fp8_for_ranks
+
+    refuse_fp8_for_ranks(argparse.Namespace(fp8=True), None)  # loaded here: fine
+    refuse_fp8_for_ranks(argparse.Namespace(fp8=False), object())
+    with pytest.raises(ValueError, match="--fp8 is not supported"):
+        refuse_fp8_for_ranks(argparse.Namespace(fp8=True), object())
+
+
 def test_generate_chat_wraps_the_prompt_in_the_template(folder, capsys):
     d = folder[0]
     tok = Tokenizer.from_dir(d)

@@ -22,6 +22,21 @@ if TYPE_CHECKING:
     from dsv3.infer.params import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_HELP = ("keep the release's FP8 set (attention and MLP projections, experts) in FP8 in memory, about half of bf16 "
+            "(dsv3.fp8.resident; a bf16 checkpoint is quantized while loading); the rest in --dtype")
+
+
+def load_checkpoint(args, path, dtype):
+    """The model of a checkpoint folder for inference, FP8-resident with args.fp8."""
+    import dsv3
+
+    return dsv3.load_model(path, dtype=dtype, device=args.device, fp8=getattr(args, "fp8", False)).eval()
+
+
+def refuse_fp8_for_ranks(args, model):
+    """--fp8 loads the model in this process; under torchrun the ranks load their shards themselves."""
+    if model is not None and getattr(args, "fp8", False):
+        raise ValueError("--fp8 is not supported with --tp, --ep or --pp (each rank loads its own shard)")
 
 
 def add_model_flags(p: argparse.ArgumentParser):
@@ -29,6 +44,7 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                    help="weights and cache dtype (auto: the checkpoint's torch_dtype)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="MTP speculative decoding: the model's MTP module drafts, one forward verifies")
@@ -126,15 +142,15 @@ def _model_dtype(args):
 def load_engine(args, model=None):
     """The Engine of args; model: rank 0's LockstepModel under torchrun (attached here), else the
     checkpoint is loaded in this process."""
-    import dsv3
     from dsv3.infer.engine import Engine
     from dsv3.infer.lockstep import LockstepModel, attach
 
     if args.threads:
         torch.set_num_threads(args.threads)
     _, dtype = _model_dtype(args)
+    refuse_fp8_for_ranks(args, model)
     if model is None:
-        model = dsv3.load_model(args.model, dtype=dtype, device=args.device).eval()
+        model = load_checkpoint(args, args.model, dtype)
     max_batch = getattr(args, "max_batch", 8)  # dsv3 chat has no --max-batch: one conversation at a time
     if max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")

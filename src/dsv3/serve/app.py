@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3.infer.cli_generate import FP8_HELP, load_checkpoint, refuse_fp8_for_ranks
 from dsv3.infer.engine import QueueFull, RequestRejected
 from dsv3.infer.params import ABORT, STOP, SamplingParams, StopOnText
 from dsv3.serve import protocol as P
@@ -946,6 +947,7 @@ def configure(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", choices=_DTYPES,
                    help="weights and cache dtype (auto: the checkpoint's torch_dtype)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's per-request seeds")
     p.add_argument("--shutdown-timeout", type=float, default=300.0,
@@ -964,7 +966,6 @@ def build_server(args, model=None) -> Server:
     """model: rank 0's lockstep proxy under --tp/--ep (dsv3.infer.lockstep), else loaded here."""
     import torch
 
-    import dsv3
     from dsv3.config import ModelConfig
     from dsv3.infer import lockstep
     from dsv3.infer.engine import Engine
@@ -990,8 +991,9 @@ def build_server(args, model=None) -> Server:
     if args.speculative == "mtp" and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--speculative mtp: the model in {path} has no MTP layer")
     tok = Tokenizer.from_dir(path)
+    refuse_fp8_for_ranks(args, model)
     if model is None:
-        model = dsv3.load_model(path, dtype=dtype, device=args.device).eval()
+        model = load_checkpoint(args, path, dtype)
     engine = Engine(model, block_size=args.block_size,
                     cache_memory=None if args.cache_memory_mb is None else args.cache_memory_mb << 20,
                     max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_num_batched_tokens,
