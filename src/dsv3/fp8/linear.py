@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dsv3.fp8.quant import BLOCK, FP8_DTYPE, _check_scale_fmt, act_quant, weight_dequant, weight_quant
+from dsv3.kernels import cpu as cpu_kernels
 
 BACKENDS = ("auto", "scaled_mm", "emulated")
 _scaled_mm_ok: dict = {}  # device type -> bool, probed once
@@ -77,8 +78,6 @@ def fp8_gemm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, bl
         # inference on the CPU: the activations' quantization and the product in two kernel calls that read the
         # weight as its bytes (the same values and sums, in another order; "emulated" below is its twin,
         # tests/test_fp8_cpu.py)
-        from dsv3.kernels import cpu as cpu_kernels
-
         y = cpu_kernels.fp8_linear(x.reshape(-1, k), w_fp8, w_scale_inv, block, quantize=True, scale_fmt=scale_fmt)
         if y is not None:
             return y.to(x.dtype).reshape(*lead, n)

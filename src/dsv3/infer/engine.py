@@ -41,6 +41,7 @@ from dsv3.infer.sampling import (apply_frequency_presence, apply_repetition, bat
 from dsv3.infer.speculative import SpecStats, rejection_sample, verify_greedy
 from dsv3.infer.screen import MAX_ROWS, GreedyHead, greedy_head
 from dsv3.kernels import cpu as cpu_kernels
+from dsv3.model.linear import project
 from dsv3.model.moe import MoE
 
 # logits of at most this many positions are materialised at once for prompt logprobs (V is large)
@@ -691,11 +692,7 @@ class Engine:
             logits = self.model.logits(x).float()
         else:  # tokens outside the draft vocabulary get probability 0 in q
             logits = torch.full((len(live), self.cfg.vocab_size), float("-inf"), device=x.device)
-            w = self._draft_w
-            sub = cpu_kernels.linear(x.contiguous(), w) if (cpu_kernels.usable(x, w) and
-                                                            x.shape[0] <= cpu_kernels.LINEAR_MAX_ROWS) else \
-                torch.nn.functional.linear(x, w)
-            logits[:, self._draft_ids] = sub.float()
+            logits[:, self._draft_ids] = project(x, self._draft_w).float()
         toks, probs = self._choose(reqs, logits, keep_probs=True)
         for j, r in enumerate(reqs):
             r.draft = toks[j]

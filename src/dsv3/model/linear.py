@@ -16,12 +16,17 @@ class Linear(nn.Linear):
     the fp32 sum to bf16 once)."""
 
     def forward(self, x):
-        w = self.weight
-        if self.bias is None and cpu_kernels.usable(x, w):
-            K = x.shape[-1]
-            rows = x.numel() // K if K else 0
-            if 0 < rows <= cpu_kernels.LINEAR_MAX_ROWS:
-                return cpu_kernels.linear(x.reshape(rows, K), w).view(*x.shape[:-1], w.shape[0])
-            if rows > cpu_kernels.LINEAR_MAX_ROWS and x.dtype == torch.bfloat16 and cpu_kernels.gemm_usable(x, w):
-                return cpu_kernels.gemm(x.reshape(rows, K), w).view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, self.weight, self.bias)
+        return project(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+
+
+def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T as Linear computes it without a bias: the CPU kernels where they apply, else F.linear (for
+    weights that are not a module's, e.g. the engine's draft-vocabulary rows of the head)."""
+    if cpu_kernels.usable(x, w):
+        K = x.shape[-1]
+        rows = x.numel() // K if K else 0
+        if 0 < rows <= cpu_kernels.LINEAR_MAX_ROWS:
+            return cpu_kernels.linear(x.reshape(rows, K), w).view(*x.shape[:-1], w.shape[0])
+        if rows > cpu_kernels.LINEAR_MAX_ROWS and x.dtype == torch.bfloat16 and cpu_kernels.gemm_usable(x, w):
+            return cpu_kernels.gemm(x.reshape(rows, K), w).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)

@@ -1005,8 +1005,9 @@ def build_server(args, model=None) -> Server:
     server = Server(engine, tok, names, root=str(path), api_key=args.api_key or None,
                     batch_wait=args.batch_wait_ms / 1000)
     # The model, its modules and the imported libraries are ~300k objects that live as long as the process:
-    # moved out of the collector's generations, a full collection no longer walks them (with `small` loaded,
-    # 130 ms with the GIL held, i.e. a stall of every stream, against well under 1 ms after the freeze).
+    # moved out of the collector's generations, a full collection no longer walks them (with `small` loaded, one
+    # took 130 ms with the GIL held, a stall of every stream; the one seen while serving after the freeze, 7.5 ms:
+    # docs/serving.md).
     gc.collect()
     gc.freeze()
     return server
