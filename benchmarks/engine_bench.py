@@ -1,7 +1,8 @@
 """Engine benchmark on CPU: ratios against transformers measured in the same run, same weights.
 
     python benchmarks/engine_bench.py --preset small --threads 2
-    python benchmarks/engine_bench.py --model runs/demo --mtp-only      # MTP on a trained checkpoint
+    python benchmarks/engine_bench.py --model runs/demo/latest --mtp-only          # MTP on a trained checkpoint
+    python benchmarks/engine_bench.py --model runs/demo/mtp-distilled --mtp-only   # ... after dsv3 distill-mtp
 
 Reports (as Markdown tables):
   1. batch-1 decode tokens/s: dsv3 engine, dsv3.generate (contiguous cache), transformers

@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "info": ("dsv3.commands.info", "print the config and parameter counts of a checkpoint folder"),
     "train": ("dsv3.train.cli", "pre-train a model with the DeepSeek-V3 recipe"),
+    "distill-mtp": ("dsv3.train.distill_mtp", "train a checkpoint's MTP modules to draft its own main model's tokens"),
     "plot": ("dsv3.train.plot", "draw loss curves and an expert-load heatmap from a training run"),
     "generate": ("dsv3.infer.cli_generate", "generate text from a prompt"),
     "chat": ("dsv3.infer.cli_chat", "interactive chat with streaming"),
