@@ -321,7 +321,8 @@ def test_mtp_blocks_are_fp8_and_eh_proj_is_not(tmp_path, tokens):
     convert(tmp_path / "hp", tmp_path / "fp8", "bf16-to-fp8", progress=False)
     fp8 = load_fp8_model(tmp_path / "fp8", dtype=torch.float32, reference=True)
     assert isinstance(fp8.mtp[0].block.attn.wkv_b, FP8Linear) and isinstance(fp8.mtp[0].block.ffn.experts, FP8Experts)
-    assert type(fp8.mtp[0].eh_proj) is torch.nn.Linear and fp8.mtp[0].eh_proj.weight.dtype == torch.float32
+    eh = fp8.mtp[0].eh_proj
+    assert isinstance(eh, torch.nn.Linear) and not isinstance(eh, FP8Linear) and eh.weight.dtype == torch.float32
     deq = load_model(tmp_path / "fp8", dtype=torch.float32)
     toks = tokens % 512
     with torch.no_grad():

@@ -174,7 +174,7 @@ def test_apply_fp8_training_swaps_the_paper_set_only():
     assert sorted(swapped) == sorted(want)
     # high precision stays: embedding, head, gate, norms, MTP eh_proj
     assert type(model.head) is Linear and type(model.embed) is nn.Embedding
-    assert type(model.mtp[0].eh_proj) is nn.Linear
+    assert type(model.mtp[0].eh_proj) is Linear  # kept high-precision, as the head
     assert all(type(m.ffn.gate.weight) is nn.Parameter for m in model.layers[1:])
     assert not any(isinstance(m, FP8Linear) for m in model.modules())  # training keeps hp weights
     assert apply_fp8_training(model) == []  # idempotent

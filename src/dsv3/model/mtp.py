@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.linear import Linear
 from dsv3.model.norm import RMSNorm
 
 
@@ -20,7 +21,7 @@ class MTP(nn.Module):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)  # (the CPU kernels in inference, as the projections)
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
