@@ -135,7 +135,9 @@ def test_bad_input_is_refused_before_anything_is_written(source, tmp_path, capsy
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert distill(src, tmp_path / "o3", root / "corpus.txt", "--seq-len", "5000") == 2
     assert "exceeds the model's context" in capsys.readouterr().err
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert distill(src, tmp_path / "o4", root / "corpus.txt", "--val-fraction", "0") == 2
+    assert "need held-out text" in capsys.readouterr().err
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
 
 
 def test_a_failed_save_leaves_no_output_and_no_temporary(source, tmp_path, monkeypatch):

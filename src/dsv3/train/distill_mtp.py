@@ -68,6 +68,8 @@ def _check(args) -> None:
         raise ValueError(f"--generated must be >= 0, got {args.generated}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1): the measurements need held-out text, got {args.val_fraction}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
