@@ -13,7 +13,7 @@ from dsv3.config import preset
 from dsv3.infer.engine import Engine
 from dsv3.infer.params import SamplingParams
 from dsv3.tokenizer import train_bpe
-from dsv3.train.distill_mtp import distill_terms
+from dsv3.train.distill_mtp import distill_terms, greedy_continuations
 
 TEXT = open("data/tinyshakespeare.txt", encoding="utf-8").read()[:30000]
 
@@ -151,3 +151,14 @@ def test_a_failed_save_leaves_no_output_and_no_temporary(source, tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         distill(src, tmp_path / "out", root / "corpus.txt", "--steps", "1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_continuations_are_the_engines_greedy_tokens_and_leave_the_attention_paths_alone(source):
+    root, src, tok = source
+    m = dsv3.load_model(src, dtype=torch.float32)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    got = greedy_continuations(m, prompts, 12)
+    want = Engine(dsv3.load_model(src, dtype=torch.float32), eos_token_id=None).generate(
+        prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    assert got.tolist() == [p + list(c.token_ids) for p, c in zip(prompts, want)]
+    assert {mod.attn_impl for mod in m.modules() if hasattr(mod, "attn_impl")} == {"auto"}

@@ -139,10 +139,15 @@ def greedy_continuations(model, prompts: list[list[int]], total_len: int) -> tor
     from dsv3.infer.engine import Engine
     from dsv3.infer.params import SamplingParams
 
-    engine = Engine(model, eos_token_id=None)
+    # the engine sets each attention's path per step (absorbed for decode): the training forwards get theirs back
+    impls = [(m, m.attn_impl) for m in model.modules() if hasattr(m, "attn_impl")]
     params = SamplingParams(max_new_tokens=total_len - len(prompts[0]), ignore_eos=True)
-    with torch.inference_mode():
-        done = engine.generate(prompts, params)
+    try:
+        with torch.inference_mode():
+            done = Engine(model, eos_token_id=None).generate(prompts, params)
+    finally:
+        for m, impl in impls:
+            m.attn_impl = impl
     return torch.tensor([p + list(c.token_ids) for p, c in zip(prompts, done)], dtype=torch.long)
 
 
