@@ -494,10 +494,11 @@ def test_serve_dp2_under_torchrun(tmp_path):
         # SIGTERM while a stream runs on each replica: both finish, then every rank exits. Two prompts
         # no replica has seen: the router places them by load alone (one each), whereas the prompts
         # above may both have left their prefix on one replica, depending on how the 16 streams arrived
+        # (1000 tokens each: 150 could all be out before the metrics scrape on a loaded machine, as in one CI run)
         last = prompts(2, 99, 3, 40)
         with httpx.Client(timeout=120) as client:
-            with client.stream("POST", url + "/v1/completions", json=body(last[0], 150)) as rc, \
-                    client.stream("POST", url + "/v1/completions", json=body(last[1], 150)) as rd:
+            with client.stream("POST", url + "/v1/completions", json=body(last[0], 1000)) as rc, \
+                    client.stream("POST", url + "/v1/completions", json=body(last[1], 1000)) as rd:
                 streams = [_sse(rc.iter_lines()), _sse(rd.iter_lines())]
                 firsts = [next(s) for s in streams]
                 m = _metrics(url)
@@ -506,8 +507,8 @@ def test_serve_dp2_under_torchrun(tmp_path):
                 for i, (s, first) in enumerate(zip(streams, firsts)):
                     chunks = [first, *s]
                     toks = [t for ch in chunks for t in ch["choices"][0].get("token_ids") or []]
-                    ref = [t for o in solo(ref_model, last[i], SamplingParams(max_new_tokens=150, ignore_eos=True))
-                           for t in o.new_token_ids]
+                    ref = list(Engine(ref_model, **{**KW, "num_blocks": 128, "max_model_len": 1024}).generate(
+                        [last[i]], SamplingParams(max_new_tokens=1000, ignore_eos=True))[0].token_ids)
                     assert toks == ref and chunks[-1]["choices"][0]["finish_reason"] == "length"
         proc.wait(60)
         text = log.read_text()
