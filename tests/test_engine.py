@@ -442,6 +442,18 @@ def test_background_loop_with_requests_from_other_threads():
     assert st.num_running == 0 and st.generation_tokens == 2 * 30 and st.prompt_tokens == 2 * 27
 
 
+def test_generate_gives_the_attention_modules_their_path_back():
+    m = tiny_model()
+    mlas = [mod for mod in m.modules() if hasattr(mod, "attn_impl")]
+    mlas[0].attn_impl = "naive"  # whatever the caller had set
+    e = Engine(m, eos_token_id=None)
+    prompts = rand_prompts([5, 9], seed=3)
+    first = e.generate(prompts, greedy(6))
+    assert [mod.attn_impl for mod in mlas] == ["naive"] + ["auto"] * (len(mlas) - 1)
+    # the engine sets its paths again on its next steps: the same tokens
+    assert [c.token_ids for c in e.generate(prompts, greedy(6))] == [c.token_ids for c in first]
+
+
 def test_bad_input_is_a_value_error():
     m = tiny_model(12)
     engine = Engine(m, block_size=4)

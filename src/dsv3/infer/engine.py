@@ -248,7 +248,9 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  stop_checkers: Sequence[Callable | None] | None = None) -> list[Completion]:
-        """Run prompts to completion (continuous batching underneath); results in prompt order."""
+        """Run prompts to completion (continuous batching underneath); results in prompt order. The model's
+        attention modules get back the path they had (steps set it per chunk, e.g. absorbed for decode), so that
+        the model's own forwards after this call (training, a full-sequence scoring) run as before it."""
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -263,8 +265,14 @@ class Engine:
                 self.abort(r.request_id)
             self._drain_inbox()
             raise
-        while not all(r.finished for r in reqs):
-            self.step()
+        impls = [m.attn_impl for m in self._mla]
+        try:
+            while not all(r.finished for r in reqs):
+                self.step()
+        finally:
+            for m, impl in zip(self._mla, impls):
+                m.attn_impl = impl
+            self._impl = None  # (the next step sets its path again)
         return [self._completion(r) for r in reqs]
 
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None,

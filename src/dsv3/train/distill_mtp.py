@@ -139,34 +139,18 @@ def greedy_continuations(model, prompts: list[list[int]], total_len: int) -> tor
     from dsv3.infer.engine import Engine
     from dsv3.infer.params import SamplingParams
 
-    # the engine sets each attention's path per step (absorbed for decode): the training forwards get theirs back
-    impls = [(m, m.attn_impl) for m in model.modules() if hasattr(m, "attn_impl")]
     params = SamplingParams(max_new_tokens=total_len - len(prompts[0]), ignore_eos=True)
-    try:
-        with torch.inference_mode():
-            done = Engine(model, eos_token_id=None).generate(prompts, params)
-    finally:
-        for m, impl in impls:
-            m.attn_impl = impl
+    with torch.inference_mode():  # (generate gives the attention modules their path back)
+        done = Engine(model, eos_token_id=None).generate(prompts, params)
     return torch.tensor([p + list(c.token_ids) for p, c in zip(prompts, done)], dtype=torch.long)
 
 
-def _prompts(data, n: int, length: int, gen: torch.Generator) -> list[list[int]]:
-    segs = [s for s in data.segments if len(s) > length]
-    if not segs:
-        raise ValueError(f"dataset {data.name} has no segment longer than --prompt-len {length}")
-    out = []
-    for _ in range(n):
-        s = segs[int(torch.randint(len(segs), (1,), generator=gen))]
-        p = int(torch.randint(len(s) - length, (1,), generator=gen))
-        out.append([int(t) for t in s[p:p + length]])
-    return out
-
-
 def _windows(data, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """n windows of `length` tokens at random places of data (seeded by gen): the held-out measurement sets and
+    the continuations' prompts (training batches come from dsv3.train.data.BatchSampler)."""
     segs = [s for s in data.segments if len(s) >= length]
     if not segs:
-        raise ValueError(f"dataset {data.name} has no segment of --seq-len {length} tokens")
+        raise ValueError(f"dataset {data.name} has no segment of {length} tokens (--seq-len, --prompt-len)")
     rows = []
     for _ in range(n):
         s = segs[int(torch.randint(len(segs), (1,), generator=gen))]
@@ -220,17 +204,17 @@ def run(args) -> int:
     from dsv3.checkpoint import load_model
     from dsv3.config import ModelConfig
     from dsv3.tokenizer import Tokenizer
-    from dsv3.train.data import load_corpus
+    from dsv3.train.data import BatchSampler, load_corpus
 
     src, out = Path(args.model), Path(args.out)
     cfg = ModelConfig.from_hf(src)
     if cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"--model {src} has no MTP modules (num_nextn_predict_layers is 0): nothing to distill")
-    hf = json.loads((src / "config.json").read_text())
-    if hf.get("quantization_config"):
+    if cfg.quantization_config:
         raise ValueError(f"--model {src} is an FP8 checkpoint: convert it to BF16 first (dsv3 convert)")
-    saved_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        str(hf.get("torch_dtype", "bfloat16")), torch.bfloat16)
+    saved_dtype = getattr(torch, cfg.torch_dtype, None)
+    if not isinstance(saved_dtype, torch.dtype) or not saved_dtype.is_floating_point:
+        saved_dtype = torch.bfloat16
     if args.seq_len <= cfg.num_nextn_predict_layers + 1:
         raise ValueError(f"--seq-len {args.seq_len} is too short for {cfg.num_nextn_predict_layers} MTP depth(s)")
     if args.seq_len > cfg.max_position_embeddings:
@@ -253,17 +237,19 @@ def run(args) -> int:
 
     # held-out measurement sets: corpus windows, and greedy continuations of held-out prompts
     val_text = _windows(val, args.eval_windows, S, gen)
-    val_self = greedy_continuations(model, _prompts(val, args.eval_windows, min(args.prompt_len, S - D - 1), gen), S)
+    val_prompts = _windows(val, args.eval_windows, min(args.prompt_len, S - D - 1), gen).tolist()
+    val_self = greedy_continuations(model, val_prompts, S)
     before = {"corpus": measure(model, val_text, args.batch_size), "self": measure(model, val_self, args.batch_size)}
     print(f"before: held-out text: {_fmt(before['corpus'])}")
     print(f"        greedy continuations: {_fmt(before['self'])}")
 
     t0 = time.perf_counter()
-    own = greedy_continuations(model, _prompts(train, args.generated, args.prompt_len, gen), S) \
+    own = greedy_continuations(model, _windows(train, args.generated, args.prompt_len, gen).tolist(), S) \
         if args.generated else None
     if own is not None:
         print(f"generated {own.shape[0]} greedy continuations of {S} tokens in {time.perf_counter() - t0:.1f}s")
 
+    corpus = BatchSampler(train, S - 1, seed=args.seed)  # windows of S tokens, an epoch without repeats
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     t0 = time.perf_counter()
@@ -273,7 +259,7 @@ def run(args) -> int:
         if own is not None and step % 2 == 0:
             batch = own[torch.randint(own.shape[0], (args.batch_size,), generator=gen)]
         else:
-            batch = _windows(train, args.batch_size, S, gen)
+            batch = corpus.next_windows(args.batch_size)
         loss = distill_loss(distill_terms(model, batch, args.temperature), args.temperature)
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step + 1}: the distillation loss is {float(loss)}; nothing was written")
